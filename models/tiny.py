@@ -1,0 +1,193 @@
+"""Deterministic tiny checkpoints in the exact diffusers layout of Wan2.2 T2V-A14B (and Wan2.1).
+
+The files are what `WanPipeline.save_pretrained` would write for a real repo, only small:
+`model_index.json`, `transformer/` and `transformer_2/` (always several shards plus
+`diffusion_pytorch_model.safetensors.index.json`), `vae/`, `text_encoder/`, `tokenizer/`
+(a Unigram `tokenizer.json` built with the `tokenizers` library) and `scheduler/`
+(UniPC with flow sigmas, as the real repos ship). No hub access: every weight is drawn here
+from a seeded generator, so the same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BOUNDARY_RATIO = 0.875
+FLOW_SHIFT = 3.0
+
+
+@dataclass(frozen=True)
+class TinySize:
+    """Shape of one checkpoint variant. `shard_bytes` is chosen so transformers always shard."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    ffn_dim: int
+    text_dim: int
+    text_layers: int
+    vae_base_dim: int
+    shard_bytes: int
+
+
+SIZES: dict[str, TinySize] = {
+    # Fast enough for every test: a 2-step 64x64x9 generation takes well under a second.
+    "tiny": TinySize(2, 2, 12, 32, 32, 2, 8, shard_bytes=20_000),
+    # For benchmarks and the loader memory test: about 150 MB of fp32 per expert.
+    "bench": TinySize(4, 12, 64, 3072, 64, 2, 16, shard_bytes=32 * 2**20),
+}
+
+# Defaults a tiny checkpoint carries in place of the A14B ones (1280x720, 81 frames, 40 steps),
+# which would be pointlessly slow on a CPU for a model with random weights.
+TINY_DEFAULTS = {
+    "height": 64,
+    "width": 64,
+    "num_frames": 9,
+    "num_inference_steps": 4,
+    "guidance_scale": 4.0,
+    "guidance_scale_2": 3.0,
+    "fps": 16,
+}
+
+
+def tokenizer_vocab() -> list[tuple[str, float]]:
+    """A small Unigram vocabulary: specials, lowercase words, and single characters as fallback."""
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    words = (
+        "a an the of and in on with red green blue yellow white black purple orange cat dog bird car "
+        "square disc circle moving left right up down slowly fast over under city forest sea sky night day"
+    ).split()
+    pieces = [("\u2581" + w, -2.0 - i * 0.01) for i, w in enumerate(words)]
+    chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
+    pieces += [("\u2581", -3.0)] + [(c, -5.0 - i * 0.01) for i, c in enumerate(chars)]
+    return specials + pieces
+
+
+def build_tokenizer():
+    """A real fast tokenizer (Unigram + Metaspace, as T5's) wrapped as transformers' T5TokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    tok = Tokenizer(models.Unigram(tokenizer_vocab(), unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" {2,}", " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0
+    )
+
+
+def transformer_config(size: TinySize) -> dict:
+    return dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=size.num_heads,
+        attention_head_dim=size.head_dim,
+        in_channels=16,
+        out_channels=16,
+        text_dim=size.text_dim,
+        freq_dim=256,
+        ffn_dim=size.ffn_dim,
+        num_layers=size.num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=1024,
+    )
+
+
+def _seeded(seed: int, build):
+    """Build a module with its random init drawn from `seed` (CPU init is deterministic)."""
+    torch.manual_seed(seed)
+    return build().eval()
+
+
+def _perturb_zero_init(module: torch.nn.Module, seed: int) -> None:
+    """diffusers zero-inits nothing in Wan, but some norms start at exactly 1/0; nudge every
+    parameter so the oracle compares real arithmetic, not identities."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def build_components(size: TinySize, seed: int, two_experts: bool):
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_tokenizer()
+    text_config = UMT5Config(
+        vocab_size=len(tokenizer_vocab()),
+        d_model=size.text_dim,
+        d_kv=8,
+        d_ff=size.text_dim * 2,
+        num_layers=size.text_layers,
+        num_heads=size.text_dim // 8,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    text_encoder = _seeded(seed, lambda: UMT5EncoderModel(text_config))
+    vae = _seeded(
+        seed + 1,
+        lambda: AutoencoderKLWan(
+            base_dim=size.vae_base_dim,
+            z_dim=16,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        ),
+    )
+    tcfg = transformer_config(size)
+    experts = {"transformer": _seeded(seed + 2, lambda: WanTransformer3DModel(**tcfg))}
+    if two_experts:
+        experts["transformer_2"] = _seeded(seed + 3, lambda: WanTransformer3DModel(**tcfg))
+    for offset, module in enumerate(experts.values()):
+        _perturb_zero_init(module, seed + 10 + offset)
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=FLOW_SHIFT
+    )
+    return tokenizer, text_encoder, vae, experts, scheduler
+
+
+def write_tiny_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0, two_experts: bool = True) -> Path:
+    """Write a checkpoint to `out_dir` and return it. `two_experts=False` gives the Wan2.1 layout."""
+    from diffusers import WanPipeline
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
+    spec = SIZES[size]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, text_encoder, vae, experts, scheduler = build_components(spec, seed, two_experts)
+
+    text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+    tokenizer.save_pretrained(out / "tokenizer")
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    scheduler.save_pretrained(out / "scheduler")
+    for name, module in experts.items():
+        module.save_pretrained(out / name, safe_serialization=True, max_shard_size=spec.shard_bytes)
+
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=experts["transformer"],
+        transformer_2=experts.get("transformer_2"),
+        boundary_ratio=BOUNDARY_RATIO if two_experts else None,
+    )
+    pipe.save_config(out)  # model_index.json, exactly as save_pretrained writes it
+    (out / "reelserve_defaults.json").write_text(json.dumps(TINY_DEFAULTS, indent=2, sort_keys=True) + "\n")
+    return out
