@@ -55,13 +55,18 @@ TINY_DEFAULTS = {
 }
 
 
+VOCAB_WORDS = (
+    "a", "an", "the", "of", "and", "in", "on", "with", "red", "green", "blue", "yellow", "white",
+    "black", "purple", "orange", "cat", "dog", "bird", "car", "square", "disc", "circle", "moving",
+    "left", "right", "up", "down", "slowly", "fast", "over", "under", "city", "forest", "sea",
+    "sky", "night", "day",
+)
+
+
 def tokenizer_vocab() -> list[tuple[str, float]]:
     """A small Unigram vocabulary: specials, lowercase words, and single characters as fallback."""
     specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    words = (
-        "a an the of and in on with red green blue yellow white black purple orange cat dog bird car "
-        "square disc circle moving left right up down slowly fast over under city forest sea sky night day"
-    ).split()
+    words = VOCAB_WORDS
     pieces = [("\u2581" + w, -2.0 - i * 0.01) for i, w in enumerate(words)]
     chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
     pieces += [("\u2581", -3.0)] + [(c, -5.0 - i * 0.01) for i, c in enumerate(chars)]

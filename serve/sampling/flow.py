@@ -1,0 +1,75 @@
+"""Per-request flow-matching samplers: `timesteps`, then `step(model_output, sample)` once per timestep.
+
+Each request owns its sampler (UniPC keeps a history of model outputs), so requests at different
+steps can later share a transformer batch without sharing sampler state.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+class Sampler(Protocol):
+    timesteps: torch.Tensor  # one per step, on the 0..1000 scale the transformer is trained on
+
+    def step(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor: ...
+
+
+def flow_sigmas(num_steps: int, shift: float) -> torch.Tensor:
+    """Wan's shifted flow sigmas, num_steps values then a final 0.
+
+    Same formula as diffusers' UniPC with `use_flow_sigmas` (and the official FlowUniPC):
+    uniform sigmas in (0, 1], then sigma' = shift*s / (1 + (shift-1)*s), which spends more
+    steps at high noise as the shift grows.
+    """
+    sigmas = torch.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, num_steps + 1, dtype=torch.float64)[:-1]
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)
+
+
+class EulerSampler:
+    """First-order flow matching: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v."""
+
+    def __init__(self, sigmas: torch.Tensor) -> None:
+        self.sigmas = sigmas
+        self.timesteps = sigmas[:-1] * NUM_TRAIN_TIMESTEPS
+        self._index = 0
+
+    def step(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        dt = self.sigmas[self._index + 1] - self.sigmas[self._index]
+        self._index += 1
+        # Accumulate in fp32 whatever the transformer's dtype: the update is tiny next to the sample.
+        return (sample.float() + dt * model_output.float()).to(sample.dtype)
+
+
+class UniPCSampler:
+    """diffusers' UniPCMultistepScheduler, as the checkpoint configures it, one instance per request.
+
+    We reuse diffusers' implementation rather than rewrite it: it is the reference the Wan repos
+    were converted against, so matching it numerically is the point.
+    """
+
+    def __init__(self, scheduler_config: dict, num_steps: int) -> None:
+        from diffusers import UniPCMultistepScheduler
+
+        self._scheduler = UniPCMultistepScheduler.from_config(scheduler_config)
+        self._scheduler.set_timesteps(num_steps)
+        self._scheduler.set_begin_index(0)
+        self.timesteps = self._scheduler.timesteps
+
+    def step(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        t = self.timesteps[self._scheduler.step_index or 0]
+        return self._scheduler.step(model_output, t, sample, return_dict=False)[0]
+
+
+def make_sampler(name: str, scheduler_config: dict, num_steps: int) -> Sampler:
+    """`unipc` follows the checkpoint's scheduler config; `euler` uses the same shifted sigmas."""
+    if name == "unipc":
+        return UniPCSampler(scheduler_config, num_steps)
+    if name == "euler":
+        return EulerSampler(flow_sigmas(num_steps, float(scheduler_config.get("flow_shift", 1.0))))
+    raise ValueError(f"unknown sampler {name!r}; choose 'unipc' or 'euler'")
