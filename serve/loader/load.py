@@ -1,0 +1,192 @@
+"""Stream a component's safetensors into a module built on the meta device.
+
+The plan (which file fills which parameter) is checked in full against the headers before any
+weight byte is read, so a mismatched checkpoint fails in seconds, not after minutes of I/O.
+Then each file is opened once and its tensors are read one at a time, each copied straight to
+its device and dtype: peak host memory is the loaded weights plus the pages of the one file
+being read, never a state dict.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from serve.loader.build import ComponentClass, build_empty, read_component_config
+from serve.loader.errors import CheckpointError
+from serve.loader.index import CheckpointIndex, TensorInfo
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One tensor of the module to fill. Tied parameters share one slot under several names."""
+
+    names: tuple[str, ...]
+    shape: tuple[int, ...]
+    is_buffer: bool
+
+
+def load_component(
+    component_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """Load one component directory (`transformer/`, `vae/`, `text_encoder/`, ...) for inference.
+
+    Floating tensors are placed on `device` in `dtype`, except those the module class keeps in
+    fp32 (`_keep_in_fp32_modules`); integer and bool tensors keep their stored dtype.
+    Raises `CheckpointError` naming the file and tensor when the directory does not match.
+    """
+    root, device = Path(component_dir), torch.device(device)
+    component, config = read_component_config(root)
+    index = CheckpointIndex.from_dir(root)
+    module = build_empty(component, config)
+    plan = plan_load(module, index)
+    keep_fp32 = fp32_module_names(component, module, dtype)
+    for path, items in plan.items():
+        _load_file(module, path, items, device, dtype, keep_fp32)
+    _finish(module, device, index)
+    return module
+
+
+def module_slots(module: nn.Module) -> dict[str, Slot]:
+    """Every parameter and persistent buffer by state-dict name; tied names map to one shared slot."""
+    by_tensor: dict[int, list[str]] = {}
+    tensors: dict[int, tuple[torch.Tensor, bool]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(param), []).append(name)
+        tensors[id(param)] = (param, False)
+    for name, buf in _persistent_buffers(module):
+        by_tensor.setdefault(id(buf), []).append(name)
+        tensors[id(buf)] = (buf, True)
+    slots = {}
+    for key, names in by_tensor.items():
+        tensor, is_buffer = tensors[key]
+        slot = Slot(tuple(names), tuple(tensor.shape), is_buffer)
+        slots.update(dict.fromkeys(names, slot))
+    return slots
+
+
+def _persistent_buffers(module: nn.Module):
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for name, buf in sub._buffers.items():
+            if buf is not None and name not in sub._non_persistent_buffers_set:
+                yield f"{prefix}.{name}" if prefix else name, buf
+
+
+def plan_load(module: nn.Module, index: CheckpointIndex) -> dict[Path, list[tuple[TensorInfo, Slot]]]:
+    """Which tensor of which file fills which slot; raises on unexpected, mis-shaped or missing tensors."""
+    slots = module_slots(module)
+    ignore = [re.compile(p) for p in getattr(module, "_keys_to_ignore_on_load_unexpected", None) or []]
+    plan: dict[Path, list[tuple[TensorInfo, Slot]]] = {}
+    filled: set[tuple[str, ...]] = set()
+    for path, infos in index.by_file().items():
+        for info in infos:
+            slot = _slot_for(module, slots, info, ignore)
+            # A tied parameter saved under both of its names is one parameter: fill it from the
+            # first name found, as transformers' tie_weights leaves one tensor for both names.
+            if slot is None or slot.names in filled:
+                continue
+            filled.add(slot.names)
+            plan.setdefault(path, []).append((info, slot))
+    _check_all_filled(module, slots, filled, index)
+    return plan
+
+
+def _slot_for(module: nn.Module, slots: dict[str, Slot], info: TensorInfo, ignore: list[re.Pattern]) -> Slot | None:
+    slot = slots.get(info.name)
+    if slot is None:
+        if any(p.search(info.name) for p in ignore):
+            return None  # the class declares this leftover key harmless (e.g. Wan's norm_added_q)
+        raise CheckpointError(
+            f"unexpected tensor {info.name!r} in {info.file}: {type(module).__name__} has no such parameter "
+            "or buffer; the weights do not match config.json (wrong folder or a different model version?)"
+        )
+    if slot.shape != info.shape:
+        raise CheckpointError(
+            f"tensor {info.name!r} in {info.file} has shape {list(info.shape)}, but "
+            f"{type(module).__name__} built from config.json expects {list(slot.shape)}; "
+            "the weights and config.json belong to different models"
+        )
+    return slot
+
+
+def _check_all_filled(module: nn.Module, slots: dict[str, Slot], filled: set, index: CheckpointIndex) -> None:
+    missing = sorted({s.names for s in slots.values()} - filled)
+    if missing:
+        names = [n[0] for n in missing]
+        where = f"{index.source} or the shards it lists" if index.source.suffix == ".json" else index.source
+        more = f" ({len(names)} missing in all: {', '.join(names[:5])}{' ...' * (len(names) > 5)})"
+        raise CheckpointError(
+            f"tensor {names[0]!r} is missing: {type(module).__name__} needs it but it is not in {where}"
+            f"{more if len(names) > 1 else ''}; the checkpoint is incomplete or does not match config.json"
+        )
+
+
+def fp32_module_names(component: ComponentClass, module: nn.Module, dtype: torch.dtype) -> frozenset[str]:
+    """Module names whose floating tensors stay fp32, per the class's own declaration.
+
+    diffusers keeps `_keep_in_fp32_modules` in fp32 for any dtype. transformers keeps
+    `_keep_in_fp32_modules` only when loading fp16 (T5's `wo` overflows in fp16, bf16 has the
+    range) and `_keep_in_fp32_modules_strict` for fp16 and bf16 (`_get_dtype_plan` in 5.x).
+    """
+    if component.library == "diffusers":
+        return frozenset(getattr(module, "_keep_in_fp32_modules", None) or ())
+    names: set[str] = set()
+    if dtype in (torch.float16, torch.bfloat16):
+        names |= set(getattr(module, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16:
+        names |= set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    return frozenset(names)
+
+
+def target_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype, keep_fp32: frozenset[str]) -> torch.dtype:
+    """diffusers' rule (`load_model_dict_into_meta`): fp32 if a keep-name is a component of the name."""
+    if not tensor.is_floating_point():
+        return tensor.dtype
+    return torch.float32 if keep_fp32.intersection(name.split(".")) else dtype
+
+
+def _load_file(
+    module: nn.Module,
+    path: Path,
+    items: list[tuple[TensorInfo, Slot]],
+    device: torch.device,
+    dtype: torch.dtype,
+    keep_fp32: frozenset[str],
+) -> None:
+    with safe_open(path, framework="pt", device="cpu") as f:
+        for info, slot in items:
+            stored = f.get_tensor(info.name)
+            # copy=True: safetensors hands out views of a private mmap of the file; an owned copy
+            # lets the mapping go when the file is closed, and keeps weights off a file that could
+            # be replaced underneath us (SIGBUS). For a cast or a device move it is the one copy anyway.
+            target = target_dtype(slot.names[0], stored, dtype, keep_fp32)
+            tensor = stored.to(device=device, dtype=target, copy=True)
+            del stored
+            assign(module, slot, tensor)
+
+
+def assign(module: nn.Module, slot: Slot, tensor: torch.Tensor) -> None:
+    """Put `tensor` in place under every name of `slot` (one Parameter object for tied names)."""
+    value = tensor if slot.is_buffer else nn.Parameter(tensor, requires_grad=False)
+    for name in slot.names:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        table = owner._buffers if slot.is_buffer else owner._parameters
+        table[leaf] = value
+
+
+def _finish(module: nn.Module, device: torch.device, index: CheckpointIndex) -> None:
+    """Move `__init__`-built buffers to the device (computed dtype kept); check nothing is left on meta."""
+    for sub in module.modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None and buf.device != device and not buf.is_meta:
+                sub._buffers[name] = buf.to(device)
+    leftover = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{index.root}: tensor {leftover[0]!r} was never loaded (still on meta)")
+    module.eval().requires_grad_(False)
