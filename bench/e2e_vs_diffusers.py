@@ -84,17 +84,31 @@ def child_load(which: str, model: Path) -> None:
 
 
 def measure_load(which: str, model: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child-load", which, "--model", str(model)],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child-load", which, "--model", str(model)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def request(args):
     from serve.engine.request import GenerationParams
 
-    return GenerationParams(prompt="a red square moving left", negative_prompt="", height=args.height,
-                            width=args.width, num_frames=args.frames, fps=16, num_inference_steps=args.steps,
-                            guidance_scale=4.0, guidance_scale_2=3.0, seed=0, sampler="unipc")
+    return GenerationParams(
+        prompt="a red square moving left",
+        negative_prompt="",
+        height=args.height,
+        width=args.width,
+        num_frames=args.frames,
+        fps=16,
+        num_inference_steps=args.steps,
+        guidance_scale=4.0,
+        guidance_scale_2=3.0,
+        seed=0,
+        sampler="unipc",
+    )
 
 
 def median_latency(fn, runs: int) -> float:
@@ -117,10 +131,18 @@ def compare_latency(args, model: Path) -> tuple[float, float]:
         runner.generate(p)
 
     def theirs():
-        pipe(p.prompt, negative_prompt=p.negative_prompt, height=p.height, width=p.width,
-             num_frames=p.num_frames, num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
-             guidance_scale_2=p.guidance_scale_2, generator=torch.Generator("cpu").manual_seed(p.seed),
-             output_type="np")
+        pipe(
+            p.prompt,
+            negative_prompt=p.negative_prompt,
+            height=p.height,
+            width=p.width,
+            num_frames=p.num_frames,
+            num_inference_steps=p.num_inference_steps,
+            guidance_scale=p.guidance_scale,
+            guidance_scale_2=p.guidance_scale_2,
+            generator=torch.Generator("cpu").manual_seed(p.seed),
+            output_type="np",
+        )
 
     return median_latency(ours, args.runs), median_latency(theirs, args.runs)
 

@@ -56,10 +56,44 @@ TINY_DEFAULTS = {
 
 
 VOCAB_WORDS = (
-    "a", "an", "the", "of", "and", "in", "on", "with", "red", "green", "blue", "yellow", "white",
-    "black", "purple", "orange", "cat", "dog", "bird", "car", "square", "disc", "circle", "moving",
-    "left", "right", "up", "down", "slowly", "fast", "over", "under", "city", "forest", "sea",
-    "sky", "night", "day",
+    "a",
+    "an",
+    "the",
+    "of",
+    "and",
+    "in",
+    "on",
+    "with",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "white",
+    "black",
+    "purple",
+    "orange",
+    "cat",
+    "dog",
+    "bird",
+    "car",
+    "square",
+    "disc",
+    "circle",
+    "moving",
+    "left",
+    "right",
+    "up",
+    "down",
+    "slowly",
+    "fast",
+    "over",
+    "under",
+    "city",
+    "forest",
+    "sea",
+    "sky",
+    "night",
+    "day",
 )
 
 
@@ -85,9 +119,7 @@ def build_tokenizer():
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )
-    return T5TokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0
-    )
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0)
 
 
 def transformer_config(size: TinySize) -> dict:

@@ -8,6 +8,16 @@ import sys
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
+# `reelserve serve --max-height 720` etc.; the 422 messages name these flags.
+LIMIT_FLAGS = (
+    "max_height",
+    "max_width",
+    "max_num_frames",
+    "max_num_inference_steps",
+    "max_prompt_chars",
+    "max_fps",
+    "max_guidance_scale",
+)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -24,14 +34,25 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-queue", type=int, default=None, help="waiting requests before HTTP 429")
+    for name in LIMIT_FLAGS:
+        serve.add_argument(f"--{name.replace('_', '-')}", type=float if "scale" in name else int, default=None)
 
     gen = sub.add_parser("generate", help="generate one video to a file")
     _add_model_args(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("-o", "--output", type=Path, default=Path("out.mp4"))
-    for name, kind in [("height", int), ("width", int), ("num-frames", int), ("fps", int),
-                       ("steps", int), ("guidance-scale", float), ("guidance-scale-2", float), ("seed", int)]:
+    for name, kind in [
+        ("height", int),
+        ("width", int),
+        ("num-frames", int),
+        ("fps", int),
+        ("steps", int),
+        ("guidance-scale", float),
+        ("guidance-scale-2", float),
+        ("seed", int),
+    ]:
         gen.add_argument(f"--{name}", type=kind, default=None)
     gen.add_argument("--sampler", default="unipc", choices=("unipc", "euler"))
     gen.add_argument("--lossless", action="store_true", help="RGB H.264 at qp 0 (bit-exact frames)")
@@ -63,11 +84,17 @@ def _params_from_args(args, spec):
     multiple = spec.spatial_multiple
     height, width = pick(args.height, "height"), pick(args.width, "width")
     frames = pick(args.num_frames, "num_frames")
-    rounded = (max(multiple, height // multiple * multiple), max(multiple, width // multiple * multiple),
-               (max(frames, 1) - 1) // spec.vae_scale_temporal * spec.vae_scale_temporal + 1)
+    rounded = (
+        max(multiple, height // multiple * multiple),
+        max(multiple, width // multiple * multiple),
+        (max(frames, 1) - 1) // spec.vae_scale_temporal * spec.vae_scale_temporal + 1,
+    )
     if rounded != (height, width, frames):
-        print(f"note: size rounded to {rounded[1]}x{rounded[0]}, {rounded[2]} frames "
-              f"(multiples of {multiple}, frames of the form 4k+1)", file=sys.stderr)
+        print(
+            f"note: size rounded to {rounded[1]}x{rounded[0]}, {rounded[2]} frames "
+            f"(multiples of {multiple}, frames of the form 4k+1)",
+            file=sys.stderr,
+        )
     guidance = pick(args.guidance_scale, "guidance_scale")
     return GenerationParams(
         prompt=args.prompt,
@@ -78,7 +105,8 @@ def _params_from_args(args, spec):
         fps=pick(args.fps, "fps"),
         num_inference_steps=pick(args.steps, "num_inference_steps"),
         guidance_scale=guidance,
-        guidance_scale_2=args.guidance_scale_2 if args.guidance_scale_2 is not None
+        guidance_scale_2=args.guidance_scale_2
+        if args.guidance_scale_2 is not None
         else d.get("guidance_scale_2", guidance),
         seed=secrets.randbelow(2**31) if args.seed is None else args.seed,
         sampler=args.sampler,
@@ -86,30 +114,51 @@ def _params_from_args(args, spec):
     )
 
 
+class UserFacingError(Exception):
+    """An error whose message already names the file and the fix; printed without a traceback."""
+
+
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
+    from serve.loader import CheckpointError
     from serve.pipeline.mp4 import encode_mp4
     from serve.worker.model_runner import ModelRunner
 
-    runner = ModelRunner.from_checkpoint(args.model, args.device, resolve_dtype(args.dtype, args.device))
+    try:
+        runner = ModelRunner.from_checkpoint(args.model, args.device, resolve_dtype(args.dtype, args.device))
+    except CheckpointError as e:
+        raise UserFacingError(str(e)) from e
     params = _params_from_args(args, runner.spec)
     with tqdm(total=params.num_inference_steps, desc="denoising", unit="step") as bar:
         output = runner.generate(params, on_step=lambda done, total: bar.update(1))
     args.output.write_bytes(encode_mp4(output.frames, params.fps, params.lossless))
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in output.timings.items())
-    print(f"wrote {args.output} ({params.num_frames} frames {params.width}x{params.height}, "
-          f"seed {params.seed}; {stages})")
+    print(
+        f"wrote {args.output} ({params.num_frames} frames {params.width}x{params.height}, seed {params.seed}; {stages})"
+    )
     return 0
 
 
 def cmd_serve(args) -> int:
-    from serve.api.server import run_server
-    from serve.config import ServerConfig
+    from serve.api.server import ServerStartError, run_server
+    from serve.config import Limits, ServerConfig
 
-    config = ServerConfig(model_dir=args.model, host=args.host, port=args.port, device=args.device,
-                          dtype=args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
-    run_server(config)
+    limits = {name: getattr(args, name) for name in LIMIT_FLAGS if getattr(args, name) is not None}
+    queue = {} if args.max_queue is None else {"max_queue": args.max_queue}
+    config = ServerConfig(
+        model_dir=args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype or ("float32" if args.device == "cpu" else "bfloat16"),
+        limits=Limits(**limits),
+        **queue,
+    )
+    try:
+        run_server(config)
+    except ServerStartError as e:
+        raise UserFacingError(str(e)) from e
     return 0
 
 
@@ -126,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"serve": cmd_serve, "generate": cmd_generate, "tiny": cmd_tiny}[args.command]
     try:
         return handler(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, UserFacingError) as e:
         # Checkpoint and argument problems: one line naming the file and the fix, no traceback.
         print(f"reelserve {args.command}: error: {e}", file=sys.stderr)
         return 2

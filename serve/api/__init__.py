@@ -1,0 +1,1 @@
+"""HTTP process: app factory (`create_app`), schemas, routes, `run_server`."""

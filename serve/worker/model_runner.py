@@ -92,9 +92,7 @@ class ModelRunner:
         prompts = [params.prompt, params.negative_prompt] if params.uses_cfg else [params.prompt]
         return self.text_encode(prompts)
 
-    def denoise_all(
-        self, params: GenerationParams, embeds: torch.Tensor, on_step: StepCallback | None
-    ) -> torch.Tensor:
+    def denoise_all(self, params: GenerationParams, embeds: torch.Tensor, on_step: StepCallback | None) -> torch.Tensor:
         sampler = make_sampler(params.sampler, self.scheduler_config, params.num_inference_steps)
         latents = initial_latents(self.spec, params, self.device)
         total = len(sampler.timesteps)

@@ -19,9 +19,19 @@ ATOL = 2e-5
 
 
 def params(**overrides) -> GenerationParams:
-    base = dict(prompt="a red square moving left", negative_prompt="blurry, static", height=64, width=48,
-                num_frames=9, fps=16, num_inference_steps=4, guidance_scale=4.0, guidance_scale_2=3.0,
-                seed=1234, sampler="unipc")
+    base = dict(
+        prompt="a red square moving left",
+        negative_prompt="blurry, static",
+        height=64,
+        width=48,
+        num_frames=9,
+        fps=16,
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        guidance_scale_2=3.0,
+        seed=1234,
+        sampler="unipc",
+    )
     return GenerationParams(**(base | overrides))
 
 
@@ -41,11 +51,18 @@ def reference_frames(pipe: WanPipeline, p: GenerationParams) -> torch.Tensor:
         euler = EulerOnFlowSigmas(shift=1.0)
         euler.wan_flow_shift = pipe.scheduler.config.flow_shift
         pipe.scheduler = euler
-    out = pipe(p.prompt, negative_prompt=p.negative_prompt, height=p.height, width=p.width,
-               num_frames=p.num_frames, num_inference_steps=p.num_inference_steps,
-               guidance_scale=p.guidance_scale,
-               guidance_scale_2=p.guidance_scale_2 if pipe.config.boundary_ratio else None,
-               generator=torch.Generator("cpu").manual_seed(p.seed), output_type="pt")
+    out = pipe(
+        p.prompt,
+        negative_prompt=p.negative_prompt,
+        height=p.height,
+        width=p.width,
+        num_frames=p.num_frames,
+        num_inference_steps=p.num_inference_steps,
+        guidance_scale=p.guidance_scale,
+        guidance_scale_2=p.guidance_scale_2 if pipe.config.boundary_ratio else None,
+        generator=torch.Generator("cpu").manual_seed(p.seed),
+        output_type="pt",
+    )
     return out.frames[0].permute(0, 2, 3, 1)  # (F, 3, H, W) -> (F, H, W, 3)
 
 

@@ -1,0 +1,104 @@
+"""Turn a `GenerateRequest` into `GenerationParams`: fill model defaults, enforce the configured
+limits (422 naming field and bound), round sizes the model cannot take and say so."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from fastapi.exceptions import RequestValidationError
+
+from models.wan.spec import WanSpec
+from serve.api.schemas import GenerateRequest
+from serve.config import Limits
+from serve.engine.request import GenerationParams
+
+# field -> (lower bound, upper bound); a str names a `Limits` attribute, a number is fixed.
+BOUNDS: dict[str, tuple[str | float, str | float]] = {
+    "height": ("min_height", "max_height"),
+    "width": ("min_width", "max_width"),
+    "num_frames": ("min_num_frames", "max_num_frames"),
+    "fps": ("min_fps", "max_fps"),
+    "num_inference_steps": (1, "max_num_inference_steps"),
+    "guidance_scale": (0.0, "max_guidance_scale"),
+    "guidance_scale_2": (0.0, "max_guidance_scale"),
+}
+TEXT_FIELDS = ("prompt", "negative_prompt")
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    params: GenerationParams
+    adjustments: tuple[str, ...]
+    """Human-readable roundings, e.g. "height=70->64"; sent back in X-Reelserve-Adjusted."""
+
+
+def resolve(body: GenerateRequest, spec: WanSpec, limits: Limits) -> ResolvedRequest:
+    values = fill_defaults(body, spec)
+    errors = limit_errors(values, limits, sent=body.model_fields_set)
+    if errors:
+        raise RequestValidationError(errors)
+    adjustments = round_to_model(values, spec)
+    return ResolvedRequest(GenerationParams(**values), tuple(adjustments))
+
+
+def fill_defaults(body: GenerateRequest, spec: WanSpec) -> dict:
+    defaults = spec.defaults
+    values = {
+        name: getattr(body, name) if getattr(body, name) is not None else defaults[name]
+        for name in ("height", "width", "num_frames", "fps", "num_inference_steps", "guidance_scale")
+    }
+    # One expert: the second scale has nothing to steer, so mirror the first (what diffusers does).
+    second_default = defaults["guidance_scale_2"] if len(spec.expert_names) > 1 else values["guidance_scale"]
+    values["guidance_scale_2"] = body.guidance_scale_2 if body.guidance_scale_2 is not None else second_default
+    values["prompt"] = body.prompt
+    values["negative_prompt"] = body.negative_prompt if body.negative_prompt is not None else ""
+    values["sampler"] = body.sampler or defaults.get("sampler", "unipc")
+    values["seed"] = body.seed if body.seed is not None else secrets.randbits(32)
+    values["lossless"] = body.lossless
+    return values
+
+
+def limit_errors(values: dict, limits: Limits, sent: set[str]) -> list[dict]:
+    """Pydantic-shaped error dicts, so FastAPI renders them exactly like schema errors."""
+    errors = []
+    for name, (low, high) in BOUNDS.items():
+        errors += _range_error(name, values[name], low, high, limits, from_model=name not in sent)
+    for name in TEXT_FIELDS:
+        if len(values[name]) > limits.max_prompt_chars:
+            msg = f"{name} must be at most {limits.max_prompt_chars} characters (server limit --max-prompt-chars)"
+            errors.append(_error(name, "string_too_long", msg, len(values[name]), limits.max_prompt_chars))
+    return errors
+
+
+def _range_error(name, value, low, high, limits: Limits, from_model: bool) -> list[dict]:
+    origin = " (the model's default; send a smaller value)" if from_model else ""
+    high_value = getattr(limits, high) if isinstance(high, str) else high
+    low_value = getattr(limits, low) if isinstance(low, str) else low
+    if value > high_value:
+        msg = f"{name} must be <= {high_value}{_flag(high)}{origin}"
+        return [_error(name, "less_than_equal", msg, value, high_value)]
+    if value < low_value:
+        return [_error(name, "greater_than_equal", f"{name} must be >= {low_value}{_flag(low)}", value, low_value)]
+    return []
+
+
+def _flag(bound: str | float) -> str:
+    return f" (server limit --{bound.replace('_', '-')})" if isinstance(bound, str) else ""
+
+
+def _error(name: str, kind: str, msg: str, value, limit) -> dict:
+    return {"type": kind, "loc": ("body", name), "msg": msg, "input": value, "ctx": {"limit": limit}}
+
+
+def round_to_model(values: dict, spec: WanSpec) -> list[str]:
+    """Round down in place to sizes the model takes; return what changed."""
+    multiple, temporal = spec.spatial_multiple, spec.vae_scale_temporal
+    rounded = {
+        "height": max(multiple, values["height"] // multiple * multiple),
+        "width": max(multiple, values["width"] // multiple * multiple),
+        "num_frames": (values["num_frames"] - 1) // temporal * temporal + 1,
+    }
+    changes = [f"{name}={values[name]}->{new}" for name, new in rounded.items() if new != values[name]]
+    values.update(rounded)
+    return changes

@@ -1,0 +1,66 @@
+"""HTTP shapes, one class per direction. Types live here; the configurable bounds do not (they come
+from `ServerConfig.limits` and are checked in `params.py` at request time)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# torch.Generator.manual_seed takes any 64-bit value; stay in the signed range so every tool can
+# store it. This is a property of the seed, not a server policy, so it may live in the schema.
+MAX_SEED = 2**63 - 1
+
+
+class GenerateRequest(BaseModel):
+    """`POST /generate`. Every field but `prompt` is optional; absent ones take the model's defaults."""
+
+    # strict: "64" or 64.5 for a height is a client bug worth a 422, not a silent coercion.
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+    prompt: str
+    """What the video shows."""
+    negative_prompt: str | None = None
+    """What it should not show (used when guidance is on)."""
+    height: int | None = None
+    """Pixels; rounded down to the model's spatial multiple (16 for Wan)."""
+    width: int | None = None
+    """Pixels; rounded down to the model's spatial multiple (16 for Wan)."""
+    num_frames: int | None = None
+    """Frames; rounded down to the form 4k+1 that Wan's VAE needs."""
+    fps: int | None = None
+    """Frame rate written into the MP4."""
+    num_inference_steps: int | None = None
+    """Denoising steps."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance scale (high-noise expert); 1.0 turns guidance off."""
+    guidance_scale_2: float | None = None
+    """Guidance scale of the low-noise expert (two-expert models)."""
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    """Random seed; drawn at random when absent and returned in X-Reelserve-Seed."""
+    sampler: Literal["unipc", "euler"] | None = None
+    """Flow-matching sampler."""
+    lossless: bool = False
+    """Encode lossless RGB H.264 (bit-exact frames, large files) instead of playable yuv420p."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be empty")
+        return value
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "unavailable"]
+    reason: str | None = None
+    """Why the engine cannot serve (only when unavailable)."""
+
+
+class ErrorResponse(BaseModel):
+    """Body of 429, 500 and 503 answers (422 uses FastAPI's `{"detail": [...]}` shape)."""
+
+    detail: str
+    """What went wrong, for a human."""
+    type: Literal["queue_full", "generation_failed", "unavailable"]
+    request_id: str | None = None

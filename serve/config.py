@@ -1,0 +1,104 @@
+"""Typed, frozen server configuration, validated once at startup.
+
+Every bound a request is checked against lives in `Limits`, so the API enforces what the
+operator configured (`reelserve serve --max-height ...`) rather than numbers baked into schemas.
+Errors name the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class _Frozen(BaseModel):
+    # Attribute docstrings become field descriptions (shown in `--help` and the OpenAPI schema).
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class Limits(_Frozen):
+    """Per-request bounds. A request outside them is refused with HTTP 422 naming the bound."""
+
+    min_height: int = Field(16, ge=1)
+    """Smallest accepted height in pixels (before rounding to the model's spatial multiple)."""
+    max_height: int = Field(1280, ge=1)
+    """Largest accepted height in pixels (`--max-height`)."""
+    min_width: int = Field(16, ge=1)
+    """Smallest accepted width in pixels (before rounding to the model's spatial multiple)."""
+    max_width: int = Field(1280, ge=1)
+    """Largest accepted width in pixels (`--max-width`)."""
+    min_num_frames: int = Field(1, ge=1)
+    """Fewest frames per video; 1 gives a single image."""
+    max_num_frames: int = Field(129, ge=1)
+    """Most frames per video (`--max-num-frames`); must be of the form 4k+1, as Wan's VAE needs."""
+    max_num_inference_steps: int = Field(100, ge=1)
+    """Most denoising steps per request (`--max-num-inference-steps`)."""
+    max_prompt_chars: int = Field(2000, ge=1)
+    """Longest prompt or negative prompt, in characters (`--max-prompt-chars`)."""
+    min_fps: int = Field(1, ge=1)
+    """Lowest frame rate written into the MP4."""
+    max_fps: int = Field(60, ge=1)
+    """Highest frame rate written into the MP4 (`--max-fps`)."""
+    max_guidance_scale: float = Field(20.0, ge=0.0)
+    """Largest classifier-free guidance scale; larger values only saturate the video."""
+
+    @field_validator("max_num_frames")
+    @classmethod
+    def _frames_are_4k_plus_1(cls, value: int) -> int:
+        if (value - 1) % 4:
+            fix = (value - 1) // 4 * 4 + 1
+            raise ValueError(f"max_num_frames={value} is not of the form 4k+1; use {fix}")
+        return value
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> Limits:
+        for name in ("height", "width", "num_frames", "fps"):
+            low, high = getattr(self, f"min_{name}"), getattr(self, f"max_{name}")
+            if low > high:
+                raise ValueError(f"min_{name}={low} is above max_{name}={high}; lower min_{name}")
+        return self
+
+
+class ServerConfig(_Frozen):
+    """Everything `reelserve serve` needs; built once from the CLI flags."""
+
+    model_dir: Path
+    """A Wan checkpoint in the diffusers layout (the directory holding model_index.json)."""
+    host: str = "127.0.0.1"
+    """Interface to listen on; use 0.0.0.0 to accept connections from other hosts."""
+    port: int = Field(8000, ge=0, le=65535)
+    """TCP port to listen on; 0 picks a free one."""
+    device: str = "cpu"
+    """Torch device the worker runs the model on, e.g. `cpu` or `cuda:0`."""
+    dtype: DType = "float32"
+    """Weight and activation dtype of the model in the worker."""
+    limits: Limits = Limits()
+    """Per-request bounds enforced by the API."""
+    max_queue: int = Field(16, ge=1)
+    """Requests that may wait for the worker; one more gets HTTP 429 with Retry-After."""
+    worker_start_timeout_s: float = Field(600.0, gt=0)
+    """How long the worker may take to load the model before startup fails."""
+
+    @field_validator("model_dir")
+    @classmethod
+    def _is_checkpoint(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"model directory {value} does not exist; pass --model DIR of a Wan checkpoint")
+        if not (value / "model_index.json").is_file():
+            raise ValueError(
+                f"{value} has no model_index.json; pass the diffusers-layout checkpoint root "
+                "(the directory with model_index.json, transformer/, vae/, text_encoder/)"
+            )
+        return value.resolve()
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        kind = value.split(":", 1)[0]
+        if kind not in ("cpu", "cuda", "mps", "xpu"):
+            raise ValueError(f"device {value!r} is not a torch device; use cpu, cuda or cuda:N")
+        return value
