@@ -30,6 +30,10 @@ class GenerationParams:
     seed: int
     sampler: str = "unipc"
     lossless: bool = False
+    preset: str | None = None
+    """A named few-step schedule (e.g. "lightning-4step"): fixes timesteps, expert split and guidance."""
+    loras: tuple[tuple[str, float], ...] = ()
+    """Per-request LoRA set: (name of a LoRA the server knows, scale). Part of the batch key."""
 
     @property
     def uses_cfg(self) -> bool:
