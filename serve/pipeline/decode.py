@@ -1,28 +1,89 @@
-"""Stage: latents -> frames with the Wan VAE (its own causal frame-by-frame decode)."""
+"""Stage: latents -> frames with the Wan VAE, chunk by chunk (serve/vae), optionally streamed into MP4 writers."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from serve.pipeline.mp4 import Mp4Writer
+from serve.vae import ChunkedVaeDecoder, VaeDecodeConfig
+
 
 class DecodeStage:
-    def __init__(self, vae: torch.nn.Module) -> None:
+    """Decodes a batch of same-shaped latents chunk by chunk. `config` picks temporal chunk length,
+    spatial tiles and workers (default: untiled, one latent frame per chunk, which equals diffusers'
+    decode). A batch goes through the VAE together: the causal decode loops over latent frames in
+    Python, so on small videos B requests in one pass cost little more than one."""
+
+    def __init__(
+        self, vae: torch.nn.Module, config: VaeDecodeConfig | None = None, devices: Sequence[str | torch.device] = ()
+    ) -> None:
         self.vae = vae
+        self.decoder = ChunkedVaeDecoder(vae, config, devices)
         cfg = vae.config
         self._mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, cfg.z_dim, 1, 1, 1)
         self._std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, cfg.z_dim, 1, 1, 1)
 
-    @torch.inference_mode()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        """Float frames in [0, 1], shape (F, H, W, 3), for the first (only) video in the batch."""
+        """Float frames in [0, 1], shape (F, H, W, 3), of the first video of the batch."""
+        return self.batch(latents[:1])[0]
+
+    def batch(self, latents: torch.Tensor) -> torch.Tensor:
+        """Float frames in [0, 1], shape (B, F, H, W, 3)."""
+        return torch.cat(list(self.iter_frames(latents)), dim=1)
+
+    @torch.inference_mode()
+    def iter_frames(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Float frames in [0, 1], (B, f, H, W, 3) per temporal chunk, on the CPU, as each chunk finishes."""
         param = next(self.vae.parameters())
         z = latents.to(param.device, torch.float32) * self._std.to(param.device) + self._mean.to(param.device)
-        video = self.vae.decode(z.to(param.dtype), return_dict=False)[0]  # (B, 3, F, H, W) in [-1, 1]
-        frames = (video[0].float() / 2 + 0.5).clamp(0, 1)
-        return frames.permute(1, 2, 3, 0).cpu()
+        for video in self.decoder.iter_chunks(z.to(param.dtype)):  # (B, 3, f, H, W) in [-1, 1]
+            yield (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu()
+
+    def iter_uint8(self, latents: torch.Tensor) -> Iterator[np.ndarray]:
+        """uint8 frames (B, f, H, W, 3) per chunk: `Mp4Writer.write` takes one video's slice."""
+        for frames in self.iter_frames(latents):
+            yield to_uint8(frames)
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
     """Round (not truncate) to 8 bits: truncation biases every pixel down by half a level."""
     return (frames * 255).round().to(torch.uint8).numpy()
+
+
+def stream_decode_to_mp4(stage: DecodeStage, latents: torch.Tensor, sink, fps: int, lossless: bool = False) -> dict:
+    """One video: `stream_decode_to_mp4s` with a batch of one."""
+    return stream_decode_to_mp4s(stage, latents[:1], [sink], [fps], [lossless])
+
+
+def stream_decode_to_mp4s(
+    stage: DecodeStage, latents: torch.Tensor, sinks: Sequence, fps: Sequence[int], lossless: Sequence[bool]
+) -> dict:
+    """Decode a batch chunk by chunk straight into one MP4 per video (`sinks[i]`: a path or a
+    binary file object).
+
+    No video ever exists whole, as floats or as uint8; each encoder holds only its lookahead.
+    Returns seconds: `decode` and `mp4` (time inside each), `first_chunk` (until the first frames
+    were handed to the encoders), `total`."""
+    timings = {"decode": 0.0, "mp4": 0.0}
+    start = mark = time.perf_counter()
+    writers: list[Mp4Writer] = []
+    for frames in stage.iter_uint8(latents):
+        now = time.perf_counter()
+        timings["decode"] += now - mark
+        if not writers:
+            timings["first_chunk"] = now - start
+            height, width = frames.shape[2:4]
+            writers = [Mp4Writer(sink, width, height, r, lo) for sink, r, lo in zip(sinks, fps, lossless, strict=True)]
+        for writer, video in zip(writers, frames, strict=True):
+            writer.write(video)
+        mark = time.perf_counter()
+        timings["mp4"] += mark - now
+    for writer in writers:
+        writer.close()
+    timings["mp4"] += time.perf_counter() - mark
+    timings["total"] = time.perf_counter() - start
+    return timings

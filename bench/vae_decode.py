@@ -1,0 +1,134 @@
+"""Peak memory and time of chunked/tiled VAE decode against diffusers' untiled decode, side by side.
+
+Every configuration runs in a fresh subprocess, so one run's freed-but-cached pages cannot hide the
+next one's peak. Memory is the rise of RSS (sampled every millisecond in a thread) over the RSS just
+before decoding; tracemalloc would not see torch's allocations. The chunked configurations consume
+chunks as the MP4 path does (to uint8, then dropped), so the whole video never exists as floats.
+
+    python bench/vae_decode.py                      # 256x256, 33 frames, Wan2.1 VAE layout at base_dim 16
+    python bench/vae_decode.py --base-dim 96        # the real Wan2.1 width (about 40x slower on CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+CONFIGS: dict[str, dict] = {
+    "full (diffusers decode)": {},
+    "chunk 1, untiled": dict(chunk_latent_frames=1),
+    "tile 128/32, chunk 1": dict(tile_sample_size=128, tile_sample_overlap=32, chunk_latent_frames=1),
+    "tile 128/32, chunk 2": dict(tile_sample_size=128, tile_sample_overlap=32, chunk_latent_frames=2),
+    "tile 128/32, chunk 1, 2 workers": dict(tile_sample_size=128, tile_sample_overlap=32, workers=2),
+    "tile 192/64, chunk 1": dict(tile_sample_size=192, tile_sample_overlap=64, chunk_latent_frames=1),
+}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+class PeakRss:
+    """Samples RSS in a thread; `rise` is the peak over the value at entry."""
+
+    def __enter__(self) -> PeakRss:
+        self.start = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def rise(self) -> int:
+        return self.peak - self.start
+
+
+def run_child(spec: dict) -> dict:
+    import gc
+
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from serve.vae import ChunkedVaeDecoder, VaeDecodeConfig
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=spec["base_dim"], z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2).eval()
+    vae.encoder = None  # decode only: the encoder's weights are not part of what is measured
+    latent_frames = (spec["frames"] - 1) // 4 + 1
+    z = torch.randn(1, 16, latent_frames, spec["size"] // 8, spec["size"] // 8)
+    decoder = ChunkedVaeDecoder(vae, VaeDecodeConfig(**spec["config"])) if spec["config"] else None
+    gc.collect()
+    with torch.inference_mode(), PeakRss() as rss:
+        start = time.perf_counter()
+        if decoder is None:
+            frames = vae.decode(z).sample.shape[2]
+        else:
+            frames = sum(_to_uint8(chunk).shape[0] for chunk in decoder.iter_chunks(z))
+        seconds = time.perf_counter() - start
+    return {"peak_rise": rss.rise, "seconds": seconds, "frames": frames}
+
+
+def _to_uint8(chunk):
+    return ((chunk[0] / 2 + 0.5).clamp(0, 1) * 255).round().to(dtype=__import__("torch").uint8).permute(1, 2, 3, 0)
+
+
+def measure(name: str, args: argparse.Namespace) -> dict:
+    spec = {"base_dim": args.base_dim, "size": args.size, "frames": args.frames, "config": CONFIGS[name]}
+    env = dict(os.environ)
+    if not args.glibc_default:
+        # glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which
+        # freed tile-sized blocks stay in the heap and RSS reports allocator retention, not live tensors.
+        # A fixed threshold makes RSS follow live memory for every config alike.
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], check=True, capture_output=True, text=True, env=env
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-dim", type=int, default=16)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--frames", type=int, default=33)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per config; medians are reported")
+    parser.add_argument("--glibc-default", action="store_true", help="keep glibc's dynamic mmap threshold")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(json.loads(args.child))))
+        return
+    print(f"glibc mmap threshold: {'dynamic (default)' if args.glibc_default else 'fixed at 128 KiB'}")
+    print(f"Wan2.1 VAE layout, base_dim {args.base_dim}, {args.size}x{args.size}, {args.frames} frames, random weights")
+    results = {}
+    for name in CONFIGS:
+        runs = [measure(name, args) for _ in range(args.repeats)]
+        results[name] = {k: statistics.median(r[k] for r in runs) for k in ("peak_rise", "seconds", "frames")}
+    full = results["full (diffusers decode)"]
+    print(f"{'config':34s} {'frames':>6s} {'peak rise MiB':>14s} {'x full':>7s} {'seconds':>8s} {'x full':>7s}")
+    for name, r in results.items():
+        print(
+            f"{name:34s} {r['frames']:6.0f} {r['peak_rise'] / 2**20:14.0f} {r['peak_rise'] / full['peak_rise']:7.2f} "
+            f"{r['seconds']:8.2f} {r['seconds'] / full['seconds']:7.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
