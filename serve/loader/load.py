@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -20,6 +21,10 @@ from torch import nn
 from serve.loader.build import ComponentClass, build_empty, read_component_config
 from serve.loader.errors import CheckpointError
 from serve.loader.index import CheckpointIndex, TensorInfo
+
+if TYPE_CHECKING:
+    from serve.quant.loading import QuantLoader
+    from serve.quant.schemes import QuantConfig
 
 
 @dataclass(frozen=True)
@@ -32,22 +37,32 @@ class Slot:
 
 
 def load_component(
-    component_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    component_dir: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    quant: QuantConfig | None = None,
 ) -> nn.Module:
     """Load one component directory (`transformer/`, `vae/`, `text_encoder/`, ...) for inference.
 
     Floating tensors are placed on `device` in `dtype`, except those the module class keeps in
     fp32 (`_keep_in_fp32_modules`); integer and bool tensors keep their stored dtype.
     Raises `CheckpointError` naming the file and tensor when the directory does not match.
+    With `quant`, eligible `nn.Linear` layers are quantized on the host as they are read (no float
+    copy reaches the device); a pre-quantized checkpoint (`reelserve quantize`) is read as stored.
     """
+    from serve.quant.loading import prepare_quant  # not at the top: serve.quant imports the loader
+
     root, device = Path(component_dir), torch.device(device)
     component, config = read_component_config(root)
     index = CheckpointIndex.from_dir(root)
     module = build_empty(component, config)
-    plan = plan_load(module, index)
     keep_fp32 = fp32_module_names(component, module, dtype)
+    quantized = prepare_quant(module, index, quant, keep_fp32, dtype)
+    plan = plan_load(module, index, quantized.derived() if quantized else frozenset())
+    if quantized:
+        quantized.check_plan(plan)
     for path, items in plan.items():
-        _load_file(module, path, items, device, dtype, keep_fp32)
+        _load_file(module, path, items, device, dtype, keep_fp32, quantized)
     _finish(module, device, index)
     return module
 
@@ -77,8 +92,13 @@ def _persistent_buffers(module: nn.Module):
                 yield f"{prefix}.{name}" if prefix else name, buf
 
 
-def plan_load(module: nn.Module, index: CheckpointIndex) -> dict[Path, list[tuple[TensorInfo, Slot]]]:
-    """Which tensor of which file fills which slot; raises on unexpected, mis-shaped or missing tensors."""
+def plan_load(
+    module: nn.Module, index: CheckpointIndex, derived: frozenset[str] = frozenset()
+) -> dict[Path, list[tuple[TensorInfo, Slot]]]:
+    """Which tensor of which file fills which slot; raises on unexpected, mis-shaped or missing tensors.
+
+    `derived` names slots filled as a by-product of another tensor (quantization scales), not from a file.
+    """
     slots = module_slots(module)
     ignore = [re.compile(p) for p in getattr(module, "_keys_to_ignore_on_load_unexpected", None) or []]
     plan: dict[Path, list[tuple[TensorInfo, Slot]]] = {}
@@ -92,6 +112,7 @@ def plan_load(module: nn.Module, index: CheckpointIndex) -> dict[Path, list[tupl
                 continue
             filled.add(slot.names)
             plan.setdefault(path, []).append((info, slot))
+    filled.update(slots[name].names for name in derived)
     _check_all_filled(module, slots, filled, index)
     return plan
 
@@ -157,10 +178,13 @@ def _load_file(
     device: torch.device,
     dtype: torch.dtype,
     keep_fp32: frozenset[str],
+    quantized: QuantLoader | None = None,
 ) -> None:
     with safe_open(path, framework="pt", device="cpu") as f:
         for info, slot in items:
             stored = f.get_tensor(info.name)
+            if quantized is not None and quantized.fill(slot.names[0], stored, device):
+                continue
             # copy=True: safetensors hands out views of a private mmap of the file; an owned copy
             # lets the mapping go when the file is closed, and keeps weights off a file that could
             # be replaced underneath us (SIGBUS). For a cast or a device move it is the one copy anyway.
