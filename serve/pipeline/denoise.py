@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from serve.lora.runtime import LoraRegistry, LoraSet, apply_loras
+from serve.pipeline.step_cache import StepCache, cached_forward
 from serve.sampling.guidance import split_cfg
 
 
@@ -14,6 +18,7 @@ class DenoiseStage:
             raise ValueError("a boundary timestep needs two experts")
         self.experts = experts
         self.boundary_timestep = boundary_timestep
+        self.lora_registry: LoraRegistry | None = None  # set by the runner when per-request LoRAs are allowed
 
     def expert_index(self, t: float) -> int:
         """0 while t >= boundary (high noise), then 1 (the reference pipeline's rule, boundary included)."""
@@ -23,19 +28,46 @@ class DenoiseStage:
 
     @torch.inference_mode()
     def predict(
-        self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, guidance: float | None
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeds: torch.Tensor,
+        guidance: list[float] | None,
+        expert: int | None = None,
+        *,
+        step_caches: Sequence[StepCache] | None = None,
+        loras: Sequence[LoraSet] = (),
     ) -> torch.Tensor:
-        """The model's velocity for `latents` (B, C, F, H, W) at timestep `t`.
+        """Velocity for a batch of `n` latents (n, C, F, H, W), each at its own timestep (n,).
 
-        With guidance, `embeds` holds [cond; uncond] (2B rows) and the latents are duplicated so
-        both branches run in one forward pass; without, `embeds` has B rows.
+        With guidance (one scale per sample), `embeds` holds [cond_1..cond_n; uncond_1..uncond_n]
+        (2n rows) and the latents run twice in the same forward pass; without, `embeds` has n rows.
+        `expert` defaults to the first sample's timestep; a batch never mixes experts.
+        `step_caches` and `loras` hold one entry per sample (its first-block cache, its LoRA set).
         """
-        model = self.experts[self.expert_index(float(t))]
+        index = self.expert_index(float(timesteps[0])) if expert is None else expert
+        model = self.experts[index]
         dtype = next(model.parameters()).dtype
-        hidden = latents.to(dtype)
+        hidden, t = latents.to(dtype), timesteps.to(latents.device)
         if guidance is not None:
-            hidden = torch.cat([hidden, hidden])
-        timestep = t.to(latents.device).expand(hidden.shape[0])
-        out = model(hidden_states=hidden, timestep=timestep, encoder_hidden_states=embeds.to(dtype), return_dict=False)
-        velocity = out[0].float()
-        return velocity if guidance is None else split_cfg(velocity, guidance)
+            hidden, t = torch.cat([hidden, hidden]), torch.cat([t, t])
+        with apply_loras(model, self._row_loras(index, loras, hidden.shape[0])):
+            velocity = self._forward(model, index, hidden, t, embeds.to(dtype), step_caches).float()
+        if guidance is None:
+            return velocity
+        scales = torch.tensor(guidance, dtype=velocity.dtype, device=velocity.device)
+        return split_cfg(velocity, scales.view(-1, *([1] * (velocity.dim() - 1))))
+
+    def _forward(self, model, expert: int, hidden, t, embeds, step_caches: Sequence[StepCache] | None):
+        if step_caches is None:
+            return model(hidden_states=hidden, timestep=t, encoder_hidden_states=embeds, return_dict=False)[0]
+        return cached_forward(model, hidden, t, embeds, step_caches, expert)
+
+    def _row_loras(self, expert: int, loras: Sequence[LoraSet], num_rows: int) -> list:
+        """Each row's (LoRA, scale) list; rows are [cond_1..cond_n; uncond_1..uncond_n]."""
+        if not any(loras):
+            return []
+        if self.lora_registry is None:
+            raise ValueError("this server applies no per-request LoRAs; start it with --lora-dir")
+        per_sample = [self.lora_registry.for_expert(s, expert) for s in loras]
+        return [per_sample[row % len(per_sample)] for row in range(num_rows)]

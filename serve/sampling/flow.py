@@ -10,6 +10,9 @@ from typing import Protocol
 
 import torch
 
+from serve.engine.request import GenerationParams
+from serve.sampling.presets import get_preset
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -66,6 +69,18 @@ class UniPCSampler:
         return self._scheduler.step(model_output, t, sample, return_dict=False)[0]
 
 
+def explicit_sampler(sigmas: list[float]) -> EulerSampler:
+    """Euler over a given sigma list (ending in 0), as distilled few-step models are sampled.
+
+    Distilled models were trained on exactly these timesteps, so we take them as given rather
+    than derive them from a step count (diffusers' schedulers cannot reproduce them, see
+    reference/wan22-formats.md 5.3).
+    """
+    if len(sigmas) < 2 or sigmas[-1] != 0 or any(a <= b for a, b in zip(sigmas, sigmas[1:], strict=False)):
+        raise ValueError(f"explicit sigmas must decrease strictly and end at 0, got {sigmas}")
+    return EulerSampler(torch.tensor(sigmas, dtype=torch.float32))
+
+
 def make_sampler(name: str, scheduler_config: dict, num_steps: int) -> Sampler:
     """`unipc` follows the checkpoint's scheduler config; `euler` uses the same shifted sigmas."""
     if name == "unipc":
@@ -73,3 +88,10 @@ def make_sampler(name: str, scheduler_config: dict, num_steps: int) -> Sampler:
     if name == "euler":
         return EulerSampler(flow_sigmas(num_steps, float(scheduler_config.get("flow_shift", 1.0))))
     raise ValueError(f"unknown sampler {name!r}; choose 'unipc' or 'euler'")
+
+
+def sampler_for(params: GenerationParams, scheduler_config: dict) -> Sampler:
+    """The request's own sampler: its preset's explicit schedule, else the named sampler."""
+    if params.preset is not None:
+        return explicit_sampler(get_preset(params.preset).sigmas())
+    return make_sampler(params.sampler, scheduler_config, params.num_inference_steps)
