@@ -24,6 +24,65 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory in the diffusers layout")
     p.add_argument("--device", default="cpu", help="torch device for the worker, e.g. cpu or cuda:0")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
+    _add_quant_args(p, "--quant")
+
+
+def _add_quant_args(p: argparse.ArgumentParser, flag: str) -> None:
+    p.add_argument(
+        flag,
+        default=None,
+        help="per-expert quantization, e.g. w8a8-int8 (all experts) or high=w8a8-int8,low=none; "
+        "schemes: int8-wo, w8a8-int8, fp8-wo, w8a8-fp8, none",
+    )
+    p.add_argument(
+        "--quant-skip", action="append", default=[], help="regex of extra layers to keep unquantized (repeatable)"
+    )
+
+
+def quant_policy(text: str | None, skip: list[str], model_dir: Path):
+    """The `--quant` policy for the checkpoint's experts, or None; ValueError names a bad scheme or expert."""
+    from models.wan.spec import read_spec
+    from serve.quant.schemes import QuantPolicy
+
+    if text is None:
+        return None
+    return QuantPolicy.parse(text, read_spec(model_dir).expert_names, tuple(skip))
+
+
+def _add_fewstep_args(p: argparse.ArgumentParser) -> None:
+    from serve.sampling.presets import PRESETS
+
+    p.add_argument(
+        "--preset", default=None, choices=sorted(PRESETS), help="few-step schedule: steps, timesteps, no CFG"
+    )
+    p.add_argument("--lora-dir", action="append", type=Path, default=[], help="directory LoRA files may come from")
+    for expert in ("high", "low"):
+        p.add_argument(f"--lora-{expert}", type=Path, default=None, help=f"LoRA fused into the {expert}-noise expert")
+        p.add_argument(f"--lora-{expert}-scale", type=float, default=1.0)
+    p.add_argument("--step-cache-threshold", type=float, default=None, help="first-block cache (off by default)")
+    p.add_argument("--vae-tile", type=int, default=None, help="VAE decode tile size in pixels (default: untiled)")
+    p.add_argument("--vae-tile-overlap", type=int, default=64, help="pixels adjacent VAE tiles blend over")
+    p.add_argument("--vae-chunk-frames", type=int, default=1, help="latent frames per streamed decode chunk")
+    p.add_argument("--vae-workers", type=int, default=1, help="threads decoding VAE tiles in parallel")
+
+
+def runner_options(args) -> dict:
+    """ModelRunner keyword options from the few-step flags (the worker passes the same dict)."""
+    from serve.lora.options import FusedLora, LoraOptions
+
+    fused = tuple(
+        FusedLora(path, i, getattr(args, f"lora_{name}_scale"))
+        for i, name in enumerate(("high", "low"))
+        if (path := getattr(args, f"lora_{name}")) is not None
+    )
+    # The operator's own command line is trusted: without --lora-dir, the named files' directories
+    # are the LoRA directories. Request-named LoRAs always need --lora-dir.
+    dirs = tuple(args.lora_dir) or tuple(dict.fromkeys(f.path.resolve().parent for f in fused))
+    lora = LoraOptions(lora_dirs=dirs, fused=fused, per_request=bool(args.lora_dir))
+    from serve.vae import VaeDecodeConfig
+
+    vae = VaeDecodeConfig(args.vae_tile, args.vae_tile_overlap, args.vae_chunk_frames, args.vae_workers)
+    return {"lora": lora, "step_cache_threshold": args.step_cache_threshold, "vae_decode": vae}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -34,7 +93,15 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--devices", default=None, help="one worker per device: cuda:0,cuda:1 or auto")
+    serve.add_argument("--workers", type=int, default=None, help="worker processes on --device (CPU machines)")
     serve.add_argument("--max-queue", type=int, default=None, help="waiting requests before HTTP 429")
+    serve.add_argument("--max-batch-size", type=int, default=None, help="requests sharing one denoising step")
+    serve.add_argument("--max-batch-cost-s", type=float, default=None, help="predicted seconds per batched step")
+    serve.add_argument("--expert-policy", choices=("min-swap", "fcfs"), default=None)
+    serve.add_argument("--request-timeout-s", type=float, default=None, help="fail requests not done by then")
+    serve.add_argument("--output-dir", type=Path, default=None, help="where job videos are stored")
+    _add_fewstep_args(serve)
     for name in LIMIT_FLAGS:
         serve.add_argument(f"--{name.replace('_', '-')}", type=float if "scale" in name else int, default=None)
 
@@ -56,6 +123,12 @@ def _build_parser() -> argparse.ArgumentParser:
         gen.add_argument(f"--{name}", type=kind, default=None)
     gen.add_argument("--sampler", default="unipc", choices=("unipc", "euler"))
     gen.add_argument("--lossless", action="store_true", help="RGB H.264 at qp 0 (bit-exact frames)")
+    _add_fewstep_args(gen)
+
+    quantize = sub.add_parser("quantize", help="write a pre-quantized copy of a checkpoint")
+    quantize.add_argument("in_dir", type=Path)
+    quantize.add_argument("out_dir", type=Path)
+    _add_quant_args(quantize, "--scheme")
 
     tiny = sub.add_parser("tiny", help="write a tiny deterministic Wan2.2 checkpoint")
     tiny.add_argument("out_dir", type=Path)
@@ -63,6 +136,27 @@ def _build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--wan21", action="store_true", help="one transformer, no boundary (Wan2.1 layout)")
     return parser
+
+
+SERVE_OPTIONS = (
+    "workers",
+    "max_queue",
+    "max_batch_size",
+    "max_batch_cost_s",
+    "expert_policy",
+    "request_timeout_s",
+    "output_dir",
+)
+
+
+def resolve_devices(spec: str) -> tuple[str, ...]:
+    """`auto`: every visible GPU, else one CPU worker; otherwise a comma-separated list."""
+    if spec != "auto":
+        return tuple(d.strip() for d in spec.split(",") if d.strip())
+    import torch
+
+    count = torch.cuda.device_count()
+    return tuple(f"cuda:{i}" for i in range(count)) or ("cpu",)
 
 
 def resolve_dtype(name: str | None, device: str):
@@ -111,6 +205,7 @@ def _params_from_args(args, spec):
         seed=secrets.randbelow(2**31) if args.seed is None else args.seed,
         sampler=args.sampler,
         lossless=args.lossless,
+        preset=args.preset,
     )
 
 
@@ -123,13 +218,18 @@ def cmd_generate(args) -> int:
 
     from serve.loader import CheckpointError
     from serve.pipeline.mp4 import encode_mp4
+    from serve.sampling.presets import apply_preset
     from serve.worker.model_runner import ModelRunner
 
     try:
-        runner = ModelRunner.from_checkpoint(args.model, args.device, resolve_dtype(args.dtype, args.device))
+        dtype = resolve_dtype(args.dtype, args.device)
+        quant = quant_policy(args.quant, args.quant_skip, args.model)
+        runner = ModelRunner.from_checkpoint(args.model, args.device, dtype, quant=quant, **runner_options(args))
     except CheckpointError as e:
         raise UserFacingError(str(e)) from e
-    params = _params_from_args(args, runner.spec)
+    for line in runner.lora_log:
+        print(line, file=sys.stderr)
+    params = apply_preset(_params_from_args(args, runner.spec))
     with tqdm(total=params.num_inference_steps, desc="denoising", unit="step") as bar:
         output = runner.generate(params, on_step=lambda done, total: bar.update(1))
     args.output.write_bytes(encode_mp4(output.frames, params.fps, params.lossless))
@@ -144,8 +244,29 @@ def cmd_serve(args) -> int:
     from serve.api.server import ServerStartError, run_server
     from serve.config import Limits, ServerConfig
 
+    if args.quant is not None:
+        quant_policy(args.quant, args.quant_skip, args.model)  # a bad --quant fails here, before the server starts
+    fused = tuple(
+        (path, i, getattr(args, f"lora_{name}_scale"))
+        for i, name in enumerate(("high", "low"))
+        if (path := getattr(args, f"lora_{name}")) is not None
+    )
+    few_step = {
+        "quant": args.quant,
+        "quant_skip": tuple(args.quant_skip),
+        "lora_dirs": tuple(args.lora_dir),
+        "fused_loras": fused,
+        "step_cache_threshold": args.step_cache_threshold,
+        "default_preset": args.preset,
+        "vae_tile": args.vae_tile,
+        "vae_tile_overlap": args.vae_tile_overlap,
+        "vae_chunk_frames": args.vae_chunk_frames,
+        "vae_workers": args.vae_workers,
+    }
     limits = {name: getattr(args, name) for name in LIMIT_FLAGS if getattr(args, name) is not None}
-    queue = {} if args.max_queue is None else {"max_queue": args.max_queue}
+    options = {name: getattr(args, name) for name in SERVE_OPTIONS if getattr(args, name) is not None}
+    if args.devices is not None:
+        options["devices"] = resolve_devices(args.devices)
     config = ServerConfig(
         model_dir=args.model,
         host=args.host,
@@ -153,12 +274,27 @@ def cmd_serve(args) -> int:
         device=args.device,
         dtype=args.dtype or ("float32" if args.device == "cpu" else "bfloat16"),
         limits=Limits(**limits),
-        **queue,
+        **options,
+        **few_step,
     )
     try:
         run_server(config)
     except ServerStartError as e:
         raise UserFacingError(str(e)) from e
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from serve.loader import CheckpointError
+    from serve.quant.convert import quantize_checkpoint
+
+    if args.scheme is None:
+        raise UserFacingError("--scheme is required, e.g. --scheme w8a8-int8 or --scheme high=w8a8-int8,low=none")
+    try:
+        out = quantize_checkpoint(args.in_dir, args.out_dir, quant_policy(args.scheme, args.quant_skip, args.in_dir))
+    except CheckpointError as e:
+        raise UserFacingError(str(e)) from e
+    print(f"wrote {out} ({args.scheme})")
     return 0
 
 
@@ -172,7 +308,7 @@ def cmd_tiny(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    handler = {"serve": cmd_serve, "generate": cmd_generate, "tiny": cmd_tiny}[args.command]
+    handler = {"serve": cmd_serve, "generate": cmd_generate, "quantize": cmd_quantize, "tiny": cmd_tiny}[args.command]
     try:
         return handler(args)
     except (FileNotFoundError, ValueError, UserFacingError) as e:

@@ -78,8 +78,48 @@ class ServerConfig(_Frozen):
     """Weight and activation dtype of the model in the worker."""
     limits: Limits = Limits()
     """Per-request bounds enforced by the API."""
+    devices: tuple[str, ...] = ()
+    """One worker process per device (`--devices cuda:0,cuda:1`); empty: `workers` on `device`."""
+    workers: int = Field(1, ge=1, le=64)
+    """Worker processes on `device` when `devices` is empty (`--workers N`, for CPU machines)."""
     max_queue: int = Field(16, ge=1)
-    """Requests that may wait for the worker; one more gets HTTP 429 with Retry-After."""
+    """Requests that may wait for a worker; one more gets HTTP 429 with Retry-After."""
+    max_batch_size: int = Field(8, ge=1, le=256)
+    """Most requests sharing one denoising step (`--max-batch-size`)."""
+    max_batch_cost_s: float | None = Field(None, gt=0)
+    """Most predicted seconds of one batched step; none by default (`--max-batch-cost-s`)."""
+    max_running_per_worker: int = Field(8, ge=1)
+    """Requests whose latents one worker holds at once."""
+    expert_policy: Literal["fcfs", "min-swap"] = "min-swap"
+    """Order of denoising batches across MoE experts (`min-swap` groups work by expert)."""
+    request_timeout_s: float = Field(3600.0, gt=0)
+    """A request not finished this long after arrival fails with a reason (`--request-timeout-s`)."""
+    output_dir: Path | None = None
+    """Where job MP4s are kept; default a fresh directory under the system temp dir."""
+    max_stored_videos: int = Field(100, ge=1)
+    """Finished job videos kept; the oldest are deleted beyond this."""
+    video_ttl_s: float = Field(3600.0, gt=0)
+    """Seconds a finished job's video stays downloadable (`expires_at`)."""
+    quant: str | None = None
+    """Per-expert weight quantization applied while loading (`--quant high=w8a8-int8,low=none`)."""
+    quant_skip: tuple[str, ...] = ()
+    """Regexes of extra layers kept in float (`--quant-skip`)."""
+    lora_dirs: tuple[Path, ...] = ()
+    """Directories LoRA files may come from (`--lora-dir`); requests may name LoRAs inside them."""
+    fused_loras: tuple[tuple[Path, int, float], ...] = ()
+    """(file, expert 0 high / 1 low, scale) fused at load (`--lora-high FILE --lora-high-scale S`)."""
+    step_cache_threshold: float | None = Field(None, ge=0)
+    """First-block step cache threshold (`--step-cache-threshold`); off by default."""
+    vae_tile: int | None = Field(None, ge=16)
+    """VAE decode tile size in output pixels (`--vae-tile`); None decodes untiled."""
+    vae_tile_overlap: int = Field(64, ge=0)
+    """Pixels adjacent tiles share and blend (`--vae-tile-overlap`)."""
+    vae_chunk_frames: int = Field(1, ge=1)
+    """Latent frames per temporal decode chunk (`--vae-chunk-frames`); each chunk streams to the MP4."""
+    vae_workers: int = Field(1, ge=1)
+    """Threads decoding tiles in parallel (`--vae-workers`)."""
+    default_preset: str | None = None
+    """Few-step preset for requests that name none (`--preset`), for a server of a distilled model."""
     worker_start_timeout_s: float = Field(600.0, gt=0)
     """How long the worker may take to load the model before startup fails."""
 
@@ -94,6 +134,9 @@ class ServerConfig(_Frozen):
                 "(the directory with model_index.json, transformer/, vae/, text_encoder/)"
             )
         return value.resolve()
+
+    def worker_devices(self) -> list[str]:
+        return list(self.devices) or [self.device] * self.workers
 
     @field_validator("device")
     @classmethod

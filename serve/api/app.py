@@ -9,8 +9,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from models.wan.spec import read_spec
+from serve.api.jobs import JobStore
 from serve.api.routes import generate_router, health_router
 from serve.api.schemas import ErrorResponse
+from serve.api.videos import videos_router
 from serve.config import ServerConfig
 from serve.engine.client import EngineClient, EngineUnavailable, GenerationFailed, QueueFull
 
@@ -33,7 +35,11 @@ def create_app(config: ServerConfig, client: EngineClient | None = None) -> Fast
     app.state.engine = engine
     app.state.spec = read_spec(config.model_dir)  # JSON only: the API process never loads weights
     app.state.limits = config.limits
+    app.state.config = config
+    app.state.model_name = config.model_dir.name
+    app.state.jobs = JobStore(config.output_dir, config.max_stored_videos, config.video_ttl_s)
     app.include_router(generate_router)
+    app.include_router(videos_router)
     app.include_router(health_router)
     add_error_handlers(app)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi.exceptions import RequestValidationError
 
@@ -12,6 +13,8 @@ from models.wan.spec import WanSpec
 from serve.api.schemas import GenerateRequest
 from serve.config import Limits
 from serve.engine.request import GenerationParams
+from serve.lora.paths import LoraPathError, named_lora_files
+from serve.sampling.presets import PRESETS, apply_preset
 
 # field -> (lower bound, upper bound); a str names a `Limits` attribute, a number is fixed.
 BOUNDS: dict[str, tuple[str | float, str | float]] = {
@@ -33,13 +36,28 @@ class ResolvedRequest:
     """Human-readable roundings, e.g. "height=70->64"; sent back in X-Reelserve-Adjusted."""
 
 
-def resolve(body: GenerateRequest, spec: WanSpec, limits: Limits) -> ResolvedRequest:
+def resolve(
+    body: GenerateRequest,
+    spec: WanSpec,
+    limits: Limits,
+    default_preset: str | None = None,
+    lora_dirs: tuple[Path, ...] = (),
+) -> ResolvedRequest:
     values = fill_defaults(body, spec)
-    errors = limit_errors(values, limits, sent=body.model_fields_set)
+    values["preset"] = values["preset"] or default_preset
+    errors = limit_errors(values, limits, sent=body.model_fields_set) + preset_errors(values)
+    errors += lora_errors(values["loras"], lora_dirs, len(spec.expert_names))
     if errors:
         raise RequestValidationError(errors)
     adjustments = round_to_model(values, spec)
-    return ResolvedRequest(GenerationParams(**values), tuple(adjustments))
+    params = GenerationParams(**values)
+    resolved = apply_preset(params)
+    adjustments += [
+        f"{name}={getattr(params, name)}->{getattr(resolved, name)} (preset {params.preset})"
+        for name in ("num_inference_steps", "sampler", "guidance_scale", "guidance_scale_2")
+        if getattr(params, name) != getattr(resolved, name)
+    ]
+    return ResolvedRequest(resolved, tuple(adjustments))
 
 
 def fill_defaults(body: GenerateRequest, spec: WanSpec) -> dict:
@@ -56,7 +74,34 @@ def fill_defaults(body: GenerateRequest, spec: WanSpec) -> dict:
     values["sampler"] = body.sampler or defaults.get("sampler", "unipc")
     values["seed"] = body.seed if body.seed is not None else secrets.randbits(32)
     values["lossless"] = body.lossless
+    values["preset"] = body.preset
+    values["loras"] = tuple((ref.name, ref.scale) for ref in body.loras or ())
     return values
+
+
+def lora_errors(loras: tuple[tuple[str, float], ...], lora_dirs: tuple[Path, ...], experts: int) -> list[dict]:
+    """A request may only name LoRAs inside the configured directories (checked on paths here;
+    the worker reads and validates the file itself)."""
+    errors = []
+    for i, (name, _) in enumerate(loras):
+        if not lora_dirs:
+            msg = "this server accepts no per-request LoRAs (start it with --lora-dir DIR)"
+        else:
+            try:
+                named_lora_files(name, lora_dirs, experts)
+                continue
+            except (LoraPathError, FileNotFoundError) as e:
+                msg = str(e)
+        errors.append({"type": "value_error", "loc": ("body", "loras", i, "name"), "msg": msg, "input": name})
+    return errors
+
+
+def preset_errors(values: dict) -> list[dict]:
+    name = values["preset"]
+    if name is None or name in PRESETS:
+        return []
+    msg = f"unknown preset {name!r}; choose one of {sorted(PRESETS)}"
+    return [{"type": "value_error", "loc": ("body", "preset"), "msg": msg, "input": name}]
 
 
 def limit_errors(values: dict, limits: Limits, sent: set[str]) -> list[dict]:

@@ -12,6 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_SEED = 2**63 - 1
 
 
+class LoraRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    """A LoRA file or folder name inside one of the server's LoRA directories."""
+    scale: float = Field(1.0, ge=-10.0, le=10.0)
+
+
 class GenerateRequest(BaseModel):
     """`POST /generate`. Every field but `prompt` is optional; absent ones take the model's defaults."""
 
@@ -42,6 +50,11 @@ class GenerateRequest(BaseModel):
     """Flow-matching sampler."""
     lossless: bool = False
     """Encode lossless RGB H.264 (bit-exact frames, large files) instead of playable yuv420p."""
+    preset: str | None = None
+    """A few-step schedule for distilled models (e.g. `lightning-4step`): it sets the steps, the
+    timesteps and turns guidance off; `X-Reelserve-Adjusted` says what it overrode."""
+    loras: list[LoraRef] | None = None
+    """LoRAs from the server's `--lora-dir`, applied to this request only."""
 
     @field_validator("prompt")
     @classmethod

@@ -1,9 +1,7 @@
 """The engine loop: a thread that repeats schedule -> execute -> update.
 
-The API thread only enqueues (`add_request`) and waits on a future; this thread owns the
-executor. The scheduling policy here is plain FCFS with one request on the worker at a time;
-`serve/engine/scheduler.py` (step-level batching, no torch) replaces `FcfsPolicy` behind the
-same three calls: `add_request`, `schedule`, `update_from_output`.
+The API side only enqueues (`add_request`), cancels, and reads state; this thread owns the
+executor. Policy (what runs next, on which worker, in which batch) lives in the scheduler.
 """
 
 from __future__ import annotations
@@ -12,19 +10,21 @@ import logging
 import math
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
-from serve.engine.executor import RequestDone, RequestFailed, StepProgress, WorkerEvent, WorkerExecutor
+from serve.engine.executor import Executor, UnitOutcome
+from serve.engine.metrics import EngineMetrics
 from serve.engine.request import GenerationParams, Request, RequestStatus
+from serve.engine.scheduler import QueueFullError, Scheduler, WorkerDied, WorkUnit
+from serve.sampling.presets import apply_preset
 
 log = logging.getLogger(__name__)
 
-# How long one loop iteration waits for worker replies when idle. New requests are picked up at
-# the next iteration, so this bounds the added queue latency (20 ms against seconds per video).
+# How long one loop iteration waits for worker reports. New requests are picked up at the next
+# iteration, so this bounds the added queue latency (20 ms against seconds per video).
 POLL_S = 0.02
-# After the worker could not be restarted, wait this long before trying again.
+# With no worker up (a restart failed), wait this long before trying again.
 RESTART_BACKOFF_S = 1.0
 
 
@@ -39,14 +39,15 @@ class QueueFull(EngineError):
 
 
 class EngineUnavailable(EngineError):
-    """The engine is not running or its worker is down; nothing can be generated right now."""
+    """The engine is not running or no worker is up; nothing can be generated right now."""
 
 
 class GenerationFailed(EngineError):
-    def __init__(self, request_id: str, reason: str) -> None:
+    def __init__(self, request_id: str, reason: str, cancelled: bool = False) -> None:
         super().__init__(reason)
         self.request_id = request_id
         self.reason = reason
+        self.cancelled = cancelled
 
 
 @dataclass(frozen=True)
@@ -55,184 +56,222 @@ class GenerationResult:
     mp4: bytes
     timings: dict[str, float]
     """Seconds per stage: queue, text_encode, denoise, decode, mp4."""
-
-
-class FcfsPolicy:
-    """First come, first served; one request on the worker at a time. Data in, data out."""
-
-    def __init__(self) -> None:
-        self.waiting: deque[Request] = deque()
-        self.running: dict[str, Request] = {}
-
-    def add_request(self, request: Request) -> None:
-        self.waiting.append(request)
-
-    def abort(self, request_id: str) -> Request | None:
-        """Drop a request that has not started; a running one finishes (cancelling mid-denoise is later work)."""
-        for request in self.waiting:
-            if request.request_id == request_id:
-                self.waiting.remove(request)
-                request.status = RequestStatus.CANCELLED
-                return request
-        return None
-
-    def schedule(self) -> list[Request]:
-        if self.running or not self.waiting:
-            return []
-        request = self.waiting.popleft()
-        request.status = RequestStatus.RUNNING
-        self.running[request.request_id] = request
-        return [request]
-
-    def update_from_output(self, events: list[WorkerEvent]) -> list[Request]:
-        """Advance request state from worker events; return the requests that just finished."""
-        finished = []
-        for event in events:
-            request = self.running.get(event.request_id)
-            if request is None:
-                continue  # a request failed earlier as a whole (worker restart); late news is moot
-            if isinstance(event, StepProgress):
-                request.step = event.step
-                continue
-            del self.running[event.request_id]
-            request.status = RequestStatus.FINISHED if isinstance(event, RequestDone) else RequestStatus.FAILED
-            request.error = event.reason if isinstance(event, RequestFailed) else None
-            finished.append(request)
-        return finished
-
-    def drain(self) -> list[Request]:
-        """Remove and return every request, running first (for failing them all at once)."""
-        requests = [*self.running.values(), *self.waiting]
-        self.running.clear()
-        self.waiting.clear()
-        return requests
+    trace: tuple[tuple[str, int, int], ...] = ()
+    """(unit kind, worker, batch size) for every unit the request took part in."""
 
 
 class EngineCore:
-    def __init__(self, executor: WorkerExecutor, max_queue: int) -> None:
+    def __init__(self, executor: Executor, scheduler: Scheduler, request_timeout_s: float = 3600.0) -> None:
         self.executor = executor
-        self.max_queue = max_queue
-        self._policy = FcfsPolicy()
-        self._lock = threading.Lock()  # guards _policy and _futures against the API thread
+        self.scheduler = scheduler
+        self.request_timeout_s = request_timeout_s
+        self.metrics = EngineMetrics()
+        self._lock = threading.Lock()  # guards scheduler and _futures against the API thread
         self._futures: dict[str, Future[GenerationResult]] = {}
-        self._started_at: dict[str, float] = {}
-        self._service_s = 1.0  # moving average of one generation, for Retry-After
+        self._encode_started: dict[str, float] = {}
+        self._mp4: dict[str, tuple[bytes, float]] = {}
+        self._counted_swaps = 0
+        self._last_restart = -math.inf
         self._down_reason: str | None = "engine not started"
+        self.ready = threading.Event()  # loaded and warm: /ready
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reelserve-engine-core", daemon=True)
 
-    # ---- called from the API side -------------------------------------------------------------
+    # ---- called from the API side ---------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the worker and the loop; a second call is a no-op (run_server starts the engine
+        """Start the workers and the loop; a second call is a no-op (run_server starts the engine
         before uvicorn so a load failure is a clean CLI error, then the app's lifespan calls it again)."""
         if self._thread.is_alive():
             return
         self.executor.start()
+        self._calibrate()
         self._down_reason = None
         self._thread.start()
+        self.ready.set()
+
+    def _calibrate(self) -> None:
+        from serve.engine.cost_model import CostModel
+
+        samples = [s for w in self.executor.workers for s in w.info.get("cost_samples", [])]
+        self.scheduler.cost = CostModel.fit([tuple(s) for s in samples])
+        log.info("cost model from %d warmup samples: %s", len(samples), self.scheduler.cost)
 
     def stop(self) -> None:
+        self.ready.clear()
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join()
         self._down_reason = "engine stopped"
-        self._fail_all("the server is shutting down", shutting_down=True)
+        self._fail_all("the server is shutting down", unavailable=True)
         self.executor.stop()
 
     def add_request(self, params: GenerationParams) -> tuple[str, Future[GenerationResult]]:
         """Enqueue or refuse at once (QueueFull, EngineUnavailable): admission never waits."""
         if self._down_reason is not None:
             raise EngineUnavailable(self._down_reason)
-        request, future = Request(params), Future()
+        request, future = Request(apply_preset(params)), Future()
+        request.deadline = request.arrival_time + self.request_timeout_s
         with self._lock:
-            if len(self._policy.waiting) >= self.max_queue:
-                raise QueueFull(self.max_queue, self._retry_after_s())
-            self._policy.add_request(request)
+            try:
+                self.scheduler.add_request(request)
+            except QueueFullError as e:
+                raise QueueFull(e.max_queue, self._retry_after_s()) from None
             self._futures[request.request_id] = future
-        # A client that went away cancels its future; drop its request if it has not started.
+        # A client that went away cancels its future: drop its request at the next step boundary.
         future.add_done_callback(lambda f: f.cancelled() and self.abort(request.request_id))
         return request.request_id, future
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> bool:
         with self._lock:
-            self._policy.abort(request_id)
-            self._futures.pop(request_id, None)
+            return self.scheduler.abort(request_id)
 
     def is_healthy(self) -> bool:
-        return self._down_reason is None and self._thread.is_alive() and self.executor.is_ready()
+        return self._down_reason is None and self._thread.is_alive() and self.executor.any_ready()
 
     def health_reason(self) -> str | None:
         if self.is_healthy():
             return None
         return self._down_reason or "the worker process is not running (restarting)"
 
-    def snapshot(self) -> dict[str, object]:
-        """Queue state for health/metrics and tests: waiting ids and running id -> step."""
+    def request_state(self, request_id: str) -> dict | None:
+        """Status, step, queue position and ETA of a live request (None once it ended)."""
         with self._lock:
+            r = self.scheduler.requests.get(request_id)
+            if r is None:
+                return None
             return {
-                "waiting": [r.request_id for r in self._policy.waiting],
-                "running": {rid: r.step for rid, r in self._policy.running.items()},
+                "status": r.status,
+                "progress": r.progress,
+                "step": r.step,
+                "total_steps": r.total_steps,
+                "queue_position": self.scheduler.queue_position(request_id),
+                "eta_s": self.scheduler.eta_s(request_id),
+                "worker": r.worker,
             }
 
-    # ---- the loop (engine thread) -------------------------------------------------------------
+    def snapshot(self) -> dict[str, object]:
+        """Queue state for tests and debugging: waiting ids, and id -> step of those on a worker."""
+        with self._lock:
+            waiting = [r.request_id for r in self.scheduler.waiting]
+            running = {rid: r.step for rid, r in self.scheduler.requests.items() if r.worker is not None}
+        return {"waiting": waiting, "running": running}
+
+    def render_metrics(self) -> bytes:
+        with self._lock:
+            counts = self.scheduler.counts()
+        self.metrics.queue_depth.set(counts["waiting"])
+        self.metrics.running.set(counts["running"])
+        return self.metrics.render()
+
+    # ---- the loop (engine thread) ---------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
                 self.step()
-            except Exception as e:  # the worker could not restart, or a bug: fail, back off, go on
+            except Exception as e:  # a bug in the loop: fail what is in flight, back off, go on
                 log.exception("engine step failed")
-                self._down_reason = f"{type(e).__name__}: {e}"
-                self._fail_all(f"engine error: {self._down_reason}")
+                self._fail_all(f"engine error: {type(e).__name__}: {e}")
                 self._stopping.wait(RESTART_BACKOFF_S)
 
     def step(self) -> None:
-        scheduled = self._schedule()
-        events = self.executor.execute(scheduled, timeout=POLL_S)
+        output = self._schedule()
+        events = self.executor.poll(POLL_S) if output is not None else []
         self._update(events)
 
-    def _schedule(self) -> list[Request]:
-        if not self.executor.is_ready():
-            return []  # execute() restarts the worker first; keep requests queued meanwhile
-        with self._lock:
-            scheduled = self._policy.schedule()
+    def _schedule(self):
+        self._maybe_restart()
+        if not self.executor.any_ready():
+            self._down_reason = f"no worker is running; retrying. Last restart: {self.executor.last_error}"
+            self._stopping.wait(RESTART_BACKOFF_S)
+            return None
+        self._down_reason = None
         now = time.monotonic()
-        for request in scheduled:
-            self._started_at[request.request_id] = now
-        return scheduled
-
-    def _update(self, events: list[WorkerEvent]) -> None:
-        self._down_reason = None  # execute() returned, so a worker is up
-        outcomes = {e.request_id: e for e in events if not isinstance(e, StepProgress)}
         with self._lock:
-            finished = self._policy.update_from_output(events)
-            futures = [self._futures.pop(r.request_id, None) for r in finished]
-        for request, future in zip(finished, futures, strict=True):
-            self._resolve(request, future, outcomes[request.request_id])
+            output = self.scheduler.schedule(self.executor.idle_workers(), now)
+            payloads = [self._payload(unit) for unit in output.units]
+        for worker, ids in output.free.items():
+            self.executor.free(worker, ids)
+        for unit, payload in zip(output.units, payloads, strict=True):
+            self._note_start(unit, now)
+            self.executor.submit(unit, payload)
+        self._settle_ended(output.ended)
+        return output
 
-    def _resolve(self, request: Request, future: Future | None, outcome: WorkerEvent) -> None:
-        started = self._started_at.pop(request.request_id, request.arrival_time)
-        if isinstance(outcome, RequestDone):
-            self._service_s = 0.8 * self._service_s + 0.2 * (time.monotonic() - started)
-            timings = {"queue": started - request.arrival_time, **outcome.timings}
-            _settle(future, result=GenerationResult(request.request_id, outcome.mp4, timings))
-        else:
-            _settle(future, error=GenerationFailed(request.request_id, outcome.reason))
+    def _payload(self, unit: WorkUnit) -> tuple:
+        if unit.kind == "encode":
+            return ([(rid, self.scheduler.requests[rid].params) for rid in unit.request_ids],)
+        if unit.kind == "denoise":
+            return (list(unit.request_ids), unit.expert)
+        return (list(unit.request_ids),)
 
-    def _fail_all(self, reason: str, shutting_down: bool = False) -> None:
+    def _note_start(self, unit: WorkUnit, now: float) -> None:
+        if unit.kind == "encode":
+            for rid in unit.request_ids:
+                self._encode_started[rid] = now
+        elif unit.kind == "denoise":
+            self.metrics.batch_size.observe(len(unit.request_ids))
+
+    def _update(self, events: list[UnitOutcome | WorkerDied]) -> None:
+        results = []
+        for event in events:
+            if isinstance(event, WorkerDied):
+                self.metrics.worker_restarts.inc()
+                results.append(event)
+                continue
+            results.append(event.result)
+            if event.result.unit.kind == "denoise":
+                self.metrics.step_seconds.observe(event.result.elapsed_s)
+            for rid, mp4 in event.report.mp4.items():
+                self._mp4[rid] = (mp4, event.report.mp4_s)
         with self._lock:
-            requests = self._policy.drain()
+            ended = self.scheduler.update_from_output(results)
+            swaps = self.scheduler.swaps
+        self.metrics.expert_swaps.inc(swaps - self._counted_swaps)
+        self._counted_swaps = swaps
+        self._settle_ended(ended)
+
+    def _maybe_restart(self) -> None:
+        """Restart dead workers, at most once per backoff period (a restart that fails would
+        otherwise spin, reloading the model in a loop)."""
+        now = time.monotonic()
+        if self.executor.has_dead() and now - self._last_restart >= RESTART_BACKOFF_S:
+            self._last_restart = now
+            self.executor.restart_dead()
+
+    def _settle_ended(self, ended: list[Request]) -> None:
+        for r in ended:
+            with self._lock:
+                future = self._futures.pop(r.request_id, None)
+            started = self._encode_started.pop(r.request_id, r.arrival_time)
+            mp4, mp4_s = self._mp4.pop(r.request_id, (b"", 0.0))
+            self.metrics.requests.labels(r.status.name.lower()).inc()
+            if r.status == RequestStatus.FINISHED:
+                timings = {"queue": started - r.arrival_time, **r.timings, "mp4": mp4_s}
+                for stage, seconds in timings.items():
+                    self.metrics.stage_seconds.labels(stage).observe(seconds)
+                _settle(future, result=GenerationResult(r.request_id, mp4, timings, tuple(r.trace)))
+            else:
+                cancelled = r.status == RequestStatus.CANCELLED
+                _settle(future, error=GenerationFailed(r.request_id, r.error or "failed", cancelled))
+
+    def _fail_all(self, reason: str, unavailable: bool = False) -> None:
+        with self._lock:
+            requests = list(self.scheduler.requests.values())
+            self.scheduler.requests.clear()
+            self.scheduler.waiting.clear()
+            self.scheduler.in_flight.clear()
             futures = [self._futures.pop(r.request_id, None) for r in requests]
-        for request, future in zip(requests, futures, strict=True):
-            request.status, request.error = RequestStatus.FAILED, reason
-            self._started_at.pop(request.request_id, None)
-            error = EngineUnavailable(reason) if shutting_down else GenerationFailed(request.request_id, reason)
+        for r, future in zip(requests, futures, strict=True):
+            r.status, r.error = RequestStatus.FAILED, reason
+            error = EngineUnavailable(reason) if unavailable else GenerationFailed(r.request_id, reason)
             _settle(future, error=error)
 
     def _retry_after_s(self) -> int:
-        """A slot frees when the running request finishes: at most about one generation away."""
-        return max(1, math.ceil(self._service_s))
+        """When a queue slot should free: the least-loaded worker's predicted remaining work."""
+        loads = [self.scheduler.worker_load_s(w) for w in range(self.scheduler.num_workers)]
+        return max(1, math.ceil(min(loads)))
 
 
 def _settle(future: Future | None, result: GenerationResult | None = None, error: Exception | None = None) -> None:

@@ -1,18 +1,20 @@
-"""Starts the worker process, sends it work, turns its replies into events, restarts it if it dies.
+"""Worker processes, one per device: start them, send them units, collect reports, restart the dead.
 
-Only the EngineCore thread calls into an executor (start/stop excepted), so it needs no locks.
+Only the EngineCore thread calls into an executor (start/stop excepted), so it needs no locks;
+`is_ready` is safe from any thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import multiprocessing as mp
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
-from serve.engine.request import Request
-from serve.worker.worker import WorkerArgs, worker_main
+from serve.engine.scheduler import UnitResult, WorkerDied, WorkUnit
+from serve.worker.worker import UnitReport, WorkerArgs, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -20,150 +22,169 @@ log = logging.getLogger(__name__)
 _MP = mp.get_context("spawn")
 
 
-@dataclass(frozen=True)
-class StepProgress:
-    request_id: str
-    step: int
-    total: int
-
-
-@dataclass(frozen=True)
-class RequestDone:
-    request_id: str
-    mp4: bytes
-    timings: dict[str, float]
-
-
-@dataclass(frozen=True)
-class RequestFailed:
-    request_id: str
-    reason: str
-
-
-WorkerEvent = StepProgress | RequestDone | RequestFailed
-
-
 class WorkerStartError(RuntimeError):
-    """The worker could not load the model; the message says why and what to check."""
+    """A worker could not load the model; the message says why and what to check."""
 
 
-def parse_reply(message: tuple) -> WorkerEvent:
-    kind, *fields = message
-    types = {"progress": StepProgress, "done": RequestDone, "failed": RequestFailed}
-    if kind not in types:
-        raise ValueError(f"unexpected worker message {kind!r}")
-    return types[kind](*fields)
+@dataclass(frozen=True)
+class UnitOutcome:
+    """A finished unit: the scheduler's view (`result`) and the payload (`report`: MP4 bytes)."""
+
+    result: UnitResult
+    report: UnitReport
 
 
-class WorkerExecutor:
-    """One worker process on one device."""
+@dataclass
+class WorkerHandle:
+    index: int
+    args: WorkerArgs
+    proc: mp.process.BaseProcess | None = None
+    conn: Connection | None = None
+    ready: bool = False
+    restarts: int = 0
+    unit: WorkUnit | None = None  # in flight
+    unit_id: int | None = None
+    info: dict = field(default_factory=dict)
 
-    def __init__(self, args: WorkerArgs, start_timeout_s: float = 600.0) -> None:
-        self.args = args
+    def alive(self) -> bool:
+        proc = self.proc
+        return self.ready and proc is not None and not wait([proc.sentinel], timeout=0)
+
+
+class Executor:
+    def __init__(self, worker_args: list[WorkerArgs], start_timeout_s: float = 600.0) -> None:
+        self.workers = [WorkerHandle(i, args) for i, args in enumerate(worker_args)]
         self.start_timeout_s = start_timeout_s
-        self.restarts = 0
-        self._proc: mp.process.BaseProcess | None = None
-        self._conn: Connection | None = None
-        self._in_flight: set[str] = set()
-        self._ready = False
+        self._unit_ids = itertools.count(1)
+        self.last_error: str | None = None  # why the last restart failed, for /health
 
-    @property
-    def worker_pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
-
-    def is_ready(self) -> bool:
-        """Loaded and alive. Safe from any thread: it peeks at the sentinel without reaping."""
-        proc = self._proc
-        return self._ready and proc is not None and not wait([proc.sentinel], timeout=0)
+    # ---- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Spawn a worker and block until it has loaded the model (raises WorkerStartError)."""
-        self._ready = False
-        parent, child = _MP.Pipe()
-        proc = _MP.Process(target=worker_main, args=(child, self.args), name="reelserve-worker", daemon=True)
-        proc.start()
-        child.close()  # keep only the worker's copy, so its death shows here as EOF
-        self._proc, self._conn = proc, parent
-        self._await_ready()
+        """Spawn every worker, then wait for all to load (in parallel: N devices load at once)."""
+        for w in self.workers:
+            self._spawn(w)
+        try:
+            for w in self.workers:
+                self._await_ready(w)
+        except WorkerStartError:
+            self.stop()
+            raise
 
-    def _await_ready(self) -> None:
-        if not self._conn.poll(self.start_timeout_s):
-            self._kill()
+    def _spawn(self, w: WorkerHandle) -> None:
+        w.ready, w.unit, w.unit_id = False, None, None
+        parent, child = _MP.Pipe()
+        w.proc = _MP.Process(target=worker_main, args=(child, w.args), name=f"reelserve-worker-{w.index}", daemon=True)
+        w.proc.start()
+        child.close()  # keep only the worker's copy, so its death shows here as EOF
+        w.conn = parent
+
+    def _await_ready(self, w: WorkerHandle) -> None:
+        where = f"worker {w.index} ({w.args.device})"
+        if not w.conn.poll(self.start_timeout_s):
+            self._kill(w)
             raise WorkerStartError(
-                f"worker did not load {self.args.model_dir} within {self.start_timeout_s:.0f}s; "
+                f"{where} did not load {w.args.model_dir} within {self.start_timeout_s:.0f}s; "
                 "raise worker_start_timeout_s or check the worker log"
             )
         try:
-            kind, detail = self._conn.recv()
+            kind, detail = w.conn.recv()
         except (EOFError, OSError):
-            self._proc.join(5)
-            raise WorkerStartError(f"worker exited (code {self._proc.exitcode}) while loading; see its log") from None
+            w.proc.join(5)
+            raise WorkerStartError(f"{where} exited (code {w.proc.exitcode}) while loading; see its log") from None
         if kind != "ready":
-            self._kill()
-            raise WorkerStartError(f"worker could not load {self.args.model_dir}: {detail}")
-        self._ready = True
-        log.info("worker pid %s ready: %s", self._proc.pid, detail)
+            self._kill(w)
+            raise WorkerStartError(f"{where} could not load {w.args.model_dir}: {detail}")
+        w.ready, w.info = True, detail
+        log.info("worker %d pid %s ready on %s", w.index, w.proc.pid, w.args.device)
 
-    def execute(self, requests: list[Request], timeout: float) -> list[WorkerEvent]:
-        """Send newly scheduled requests, then return whatever the worker reported within `timeout`."""
-        for request in requests:
-            self._send(request)
-        return self._collect(timeout)
-
-    def _send(self, request: Request) -> None:
-        self._in_flight.add(request.request_id)
-        # A dead worker refuses the send; _collect notices and fails this request with the reason.
-        with contextlib.suppress(OSError):
-            self._conn.send(("execute", request.request_id, request.params))
-
-    def _collect(self, timeout: float) -> list[WorkerEvent]:
-        if not self._ready:  # it died at an earlier call (or a restart failed): start a fresh one
-            self._restart()
-            return []
-        wait([self._conn, self._proc.sentinel], timeout)
-        events: list[WorkerEvent] = []
-        try:
-            while self._conn.poll():
-                events.append(parse_reply(self._conn.recv()))
-        except (EOFError, OSError):
-            pass  # the worker closed its end; the liveness check below handles it
-        for event in events:
-            if not isinstance(event, StepProgress):
-                self._in_flight.discard(event.request_id)
-        if not self.is_ready():
-            events += self._fail_in_flight()
-        return events
-
-    def _fail_in_flight(self) -> list[RequestFailed]:
-        """The worker died: fail what it held. Restarting waits for the next call, so these
-        failures reach their clients even if the restart then fails."""
-        self._ready = False
-        self._proc.join()
-        reason = f"worker process died (exit code {self._proc.exitcode}) while running this request"
-        log.error("%s; failing %d request(s), restarting the worker", reason, len(self._in_flight))
-        failed = [RequestFailed(rid, reason) for rid in sorted(self._in_flight)]
-        self._in_flight.clear()
-        return failed
-
-    def _restart(self) -> None:
-        self._proc.join()
-        self._conn.close()
-        self.restarts += 1
-        self.start()
+    def restart_dead(self) -> None:
+        """Start a fresh process for each dead worker (blocks while it loads)."""
+        for w in self.workers:
+            if not w.ready and w.proc is not None:
+                w.proc.join()
+                w.conn.close()
+                w.restarts += 1
+                self._spawn(w)
+                try:
+                    self._await_ready(w)
+                except WorkerStartError as e:
+                    self.last_error = str(e)
+                    log.error("restart failed: %s", e)
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._proc is None:
-            return
-        self._ready = False
-        with contextlib.suppress(OSError):  # already gone is fine
-            self._conn.send(("shutdown",))
-        # Work still in flight was already failed by the caller; waiting for it would only let
-        # the worker block on sending an MP4 that nobody reads.
-        self._proc.join(0 if self._in_flight else timeout)
-        self._kill()
+        for w in self.workers:
+            if w.proc is None:
+                continue
+            w.ready = False
+            with contextlib.suppress(OSError):  # already gone is fine
+                w.conn.send(("shutdown",))
+        for w in self.workers:
+            if w.proc is not None:
+                # A unit still in flight was already failed by the caller; waiting would only let
+                # the worker block on sending an MP4 that nobody reads.
+                w.proc.join(0 if w.unit else timeout)
+                self._kill(w)
 
-    def _kill(self) -> None:
-        if self._proc.is_alive():
-            self._proc.kill()
-        self._proc.join()
-        self._conn.close()
+    def _kill(self, w: WorkerHandle) -> None:
+        if w.proc.is_alive():
+            w.proc.kill()
+        w.proc.join()
+        w.conn.close()
+
+    # ---- work -----------------------------------------------------------------------------------
+
+    def idle_workers(self) -> list[int]:
+        return [w.index for w in self.workers if w.ready and w.unit is None]
+
+    def has_dead(self) -> bool:
+        return any(not w.ready for w in self.workers)
+
+    def any_ready(self) -> bool:
+        return any(w.alive() for w in self.workers)
+
+    def submit(self, unit: WorkUnit, args: tuple) -> None:
+        w = self.workers[unit.worker]
+        w.unit, w.unit_id = unit, next(self._unit_ids)
+        with contextlib.suppress(OSError):  # a dead worker refuses; poll() reports its death
+            w.conn.send((unit.kind, w.unit_id, *args))
+
+    def free(self, worker: int, request_ids: list[str]) -> None:
+        w = self.workers[worker]
+        if w.ready:
+            with contextlib.suppress(OSError):
+                w.conn.send(("free", request_ids))
+
+    def poll(self, timeout: float) -> list[UnitOutcome | WorkerDied]:
+        """Wait up to `timeout` for any worker to report; return finished units and deaths."""
+        live = [w for w in self.workers if w.ready]
+        wait([x for w in live for x in (w.conn, w.proc.sentinel)], timeout)
+        events: list[UnitOutcome | WorkerDied] = []
+        for w in live:
+            events += self._drain(w)
+        return events
+
+    def _drain(self, w: WorkerHandle) -> list[UnitOutcome | WorkerDied]:
+        events: list[UnitOutcome | WorkerDied] = []
+        try:
+            while w.conn.poll():
+                _, unit_id, report = w.conn.recv()
+                if unit_id == w.unit_id:
+                    events.append(UnitOutcome(self._result(w.unit, report), report))
+                    w.unit, w.unit_id = None, None
+        except (EOFError, OSError):
+            pass  # the worker closed its end; the liveness check below handles it
+        if not w.alive():
+            events.append(self._died(w))
+        return events
+
+    @staticmethod
+    def _result(unit: WorkUnit, report: UnitReport) -> UnitResult:
+        return UnitResult(unit, failed=report.failed, experts=report.experts, elapsed_s=report.elapsed_s)
+
+    def _died(self, w: WorkerHandle) -> WorkerDied:
+        w.ready, w.unit, w.unit_id = False, None, None
+        w.proc.join()
+        reason = f"worker process died (worker {w.index}, exit code {w.proc.exitcode}) while holding this request"
+        log.error("%s; restarting it", reason)
+        return WorkerDied(w.index, reason)

@@ -42,13 +42,15 @@ class GenerationParams:
 
 
 class RequestStatus(enum.IntEnum):
-    """Ordered: a request only ever moves to a larger value."""
+    """Ordered: a request only ever moves to a larger value (cancelled/failed may come from any)."""
 
-    WAITING = 0
-    RUNNING = 1
-    FINISHED = 2
-    FAILED = 3
-    CANCELLED = 4
+    WAITING = 0  # queued, on no worker yet
+    ENCODING = 1  # text encode + initial latents on its worker
+    DENOISING = 2  # one step at a time; `step` of `total_steps` done
+    DECODING = 3  # VAE decode + MP4 encode
+    FINISHED = 4
+    FAILED = 5
+    CANCELLED = 6
 
     @property
     def is_done(self) -> bool:
@@ -62,15 +64,36 @@ def new_request_id() -> str:
     return f"req-{int(time.time() * 1000):x}-{next(_ids)}"
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
+    """A request's state as the scheduler sees it: plain data, mutated only by the scheduler."""
+
     params: GenerationParams
     request_id: str = field(default_factory=new_request_id)
     status: RequestStatus = RequestStatus.WAITING
     step: int = 0
     error: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    deadline: float = float("inf")  # monotonic seconds; past it the request fails
+    batch_key: object = None  # BatchKey, set by the scheduler on admission
+    worker: int | None = None  # the worker that holds its latents, from encoding on
+    experts: tuple[int, ...] = ()  # expert index of each step, reported by the worker after encoding
+    cancel_requested: bool = False
+    last_scheduled: float = 0.0  # when a unit of this request last ran (starvation bound)
+    timings: dict[str, float] = field(default_factory=dict)
+    trace: list[tuple[str, int, int]] = field(default_factory=list)  # (unit kind, worker, batch size) per unit
 
     @property
     def total_steps(self) -> int:
-        return self.params.num_inference_steps
+        return len(self.experts) or self.params.num_inference_steps
+
+    @property
+    def next_expert(self) -> int:
+        return self.experts[self.step]
+
+    @property
+    def progress(self) -> int:
+        """0-100 for the job API: encoding counts as 0, each step adds its share, decode is the last 5%."""
+        if self.status == RequestStatus.FINISHED:
+            return 100
+        return int(95 * self.step / max(1, self.total_steps))

@@ -78,7 +78,7 @@ def test_health_is_503_while_the_worker_restarts(small_limits_server, monkeypatc
     monkeypatch.setenv(LOAD_DELAY_ENV, "1.5")  # the replacement worker loads slowly
     engine = small_limits_server.engine
     with small_limits_server.client() as http:
-        engine.core.executor._proc.kill()
+        engine.core.executor.workers[0].proc.kill()
         wait_until(lambda: http.get("/health").status_code == 503)
         body = http.get("/health").json()
         assert body["status"] == "unavailable" and "not running" in body["reason"]

@@ -3,19 +3,22 @@ from collections.abc import Iterator
 import pytest
 
 from serve.engine.core import EngineCore
-from serve.engine.executor import WorkerExecutor
+from serve.engine.executor import Executor
+from serve.engine.scheduler import Scheduler, SchedulerConfig
 from serve.worker.worker import WorkerArgs
 from tests.engine.fake_runner import FACTORY
 
 
-def make_core(model_dir: str, max_queue: int = 4, factory: str = FACTORY) -> EngineCore:
-    return EngineCore(WorkerExecutor(WorkerArgs(model_dir, runner_factory=factory), start_timeout_s=30), max_queue)
+def make_core(model_dir: str, factory: str = FACTORY, workers: int = 1, **scheduler) -> EngineCore:
+    args = [WorkerArgs(model_dir, runner_factory=factory, calibrate=False) for _ in range(workers)]
+    return EngineCore(Executor(args, start_timeout_s=30), Scheduler(SchedulerConfig(**scheduler), workers))
 
 
 @pytest.fixture
 def core(tmp_path) -> Iterator[EngineCore]:
-    """An engine whose worker process runs the fake runner (the real pipe, spawn and restart code)."""
-    engine = make_core(str(tmp_path))
+    """An engine whose worker process runs the fake runner (the real pipe, spawn and restart code).
+    One request on the worker at a time, so the tests can see a waiting queue."""
+    engine = make_core(str(tmp_path), max_queue=4, max_running_per_worker=1)
     engine.start()
     yield engine
     engine.stop()

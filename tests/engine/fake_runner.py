@@ -1,11 +1,13 @@
 """A ModelRunner stand-in for engine and API tests: no torch, deterministic frames, scripted faults.
 
-The prompt scripts the behaviour, so a test drives the real worker process and pipe:
-  "raise"       the runner raises (a per-request failure; the worker survives)
-  "exit"        the worker process dies mid-request (after reporting one step)
-  "sleep:<s>"   the generation takes <s> seconds
-  "bad-shape"   the runner returns frames of the wrong size
-anything else   frames from `fake_frames(params)`.
+It has the real runner's step-level interface (start, experts_of, denoise_step, finish), so a
+test drives the real worker process, pipe and scheduler. The prompt scripts the behaviour:
+  "raise"         a denoising step raises (a per-batch failure; the worker survives)
+  "encode-raise"  text encoding raises
+  "exit"          the worker process dies at the request's second step
+  "sleep:<s>"     the request's denoising takes about <s> seconds in all
+  "bad-shape"     decoding returns frames of the wrong size
+anything else     frames from `fake_frames(params)`.
 Set REELSERVE_FAKE_LOAD_DELAY_S before a (re)start to make the worker's load slow, and
 REELSERVE_FAKE_LOAD_FAIL to make it fail (spawned workers inherit the environment).
 """
@@ -14,8 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,12 +28,6 @@ LOAD_DELAY_ENV = "REELSERVE_FAKE_LOAD_DELAY_S"
 LOAD_FAIL_ENV = "REELSERVE_FAKE_LOAD_FAIL"
 
 
-@dataclass
-class FakeOutput:
-    frames: np.ndarray
-    timings: dict[str, float] = field(default_factory=dict)
-
-
 def fake_frames(params: GenerationParams) -> np.ndarray:
     """A gradient that differs per seed and per frame, so mix-ups between requests show."""
     f, y, x = np.meshgrid(
@@ -42,28 +37,51 @@ def fake_frames(params: GenerationParams) -> np.ndarray:
     return np.stack(channels, axis=-1).astype(np.uint8)
 
 
+def fake_experts(num_steps: int) -> tuple[int, ...]:
+    """First half of the steps on the high-noise expert, the rest on the low-noise one."""
+    high = (num_steps + 1) // 2
+    return (0,) * high + (1,) * (num_steps - high)
+
+
+@dataclass(eq=False)
+class FakeState:
+    params: GenerationParams
+    step: int = 0
+
+
 class FakeRunner:
-    def generate(self, params: GenerationParams, on_step: Callable[[int, int], None] | None = None) -> FakeOutput:
-        on_step = on_step or (lambda i, n: None)
-        on_step(1, params.num_inference_steps)
-        if params.prompt == "raise":
-            raise RuntimeError("fake runner was told to fail")
-        if params.prompt == "exit":
-            os._exit(3)
-        if params.prompt.startswith("sleep:"):
-            time.sleep(float(params.prompt.split(":", 1)[1]))
-        frames = fake_frames(params)
-        if params.prompt == "bad-shape":
-            frames = frames[:, :8]
-        return FakeOutput(frames, {"text_encode": 0.001, "denoise": 0.002, "decode": 0.003})
+    def start(self, params_list: list[GenerationParams]) -> list[FakeState]:
+        if any(p.prompt == "encode-raise" for p in params_list):
+            raise RuntimeError("fake text encoder was told to fail")
+        return [FakeState(p) for p in params_list]
+
+    def experts_of(self, state: FakeState) -> tuple[int, ...]:
+        return fake_experts(state.params.num_inference_steps)
+
+    def denoise_step(self, states: list[FakeState], expert: int) -> None:
+        for s in states:
+            if self.experts_of(s)[s.step] != expert:
+                raise RuntimeError("scheduler sent a request to the wrong expert")
+            prompt = s.params.prompt
+            if prompt == "raise":
+                raise RuntimeError("fake runner was told to fail")
+            if prompt == "exit" and s.step == 1:
+                os._exit(3)
+            if prompt.startswith("sleep:"):
+                time.sleep(float(prompt.split(":", 1)[1]) / s.params.num_inference_steps)
+            s.step += 1
+
+    def finish(self, state: FakeState) -> np.ndarray:
+        frames = fake_frames(state.params)
+        return frames[:, :8] if state.params.prompt == "bad-shape" else frames
 
 
-def load_fake_runner(model_dir: str, device: str, dtype: str) -> FakeRunner:
+def load_fake_runner(model_dir: str, device: str, dtype: str, options=None) -> FakeRunner:
     time.sleep(float(os.environ.get(LOAD_DELAY_ENV, "0")))
     if os.environ.get(LOAD_FAIL_ENV):
         raise RuntimeError("fake load failure")
     return FakeRunner()
 
 
-def load_broken_runner(model_dir: str, device: str, dtype: str) -> FakeRunner:
+def load_broken_runner(model_dir: str, device: str, dtype: str, options=None) -> FakeRunner:
     raise FileNotFoundError(f"no weights in {model_dir}")

@@ -34,6 +34,10 @@ def params(prompt: str = "a red square", seed: int = 7, **overrides) -> Generati
     return GenerationParams(**{**values, **overrides})
 
 
+def worker_pid(core) -> int:
+    return core.executor.workers[0].proc.pid
+
+
 def wait_until(condition, timeout: float = TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -54,13 +58,13 @@ def test_result_is_the_runners_frames_as_mp4_with_stage_timings(core):
 
 
 def test_runner_exception_fails_only_that_request(core):
-    pid = core.executor.worker_pid
+    pid = worker_pid(core)
     _, bad = core.add_request(params("raise"))
     with pytest.raises(GenerationFailed, match="RuntimeError: fake runner was told to fail"):
         bad.result(TIMEOUT_S)
     _, good = core.add_request(params())
     assert good.result(TIMEOUT_S).mp4
-    assert core.executor.worker_pid == pid and core.executor.restarts == 0
+    assert worker_pid(core) == pid and core.executor.workers[0].restarts == 0
 
 
 def test_wrong_frame_shape_from_runner_fails_the_request(core):
@@ -70,25 +74,25 @@ def test_wrong_frame_shape_from_runner_fails_the_request(core):
 
 
 def test_worker_death_fails_its_request_with_reason_and_worker_restarts(core):
-    old_pid = core.executor.worker_pid
+    old_pid = worker_pid(core)
     _, dying = core.add_request(params("exit"))
     _, queued = core.add_request(params(seed=3))  # waiting behind it; must survive the restart
-    with pytest.raises(GenerationFailed, match=r"worker process died \(exit code 3\)"):
+    with pytest.raises(GenerationFailed, match=r"worker process died \(worker 0, exit code 3\)"):
         dying.result(TIMEOUT_S)
     result = queued.result(TIMEOUT_S)
     np.testing.assert_array_equal(decode_mp4(result.mp4)[0], fake_frames(params(seed=3)))
-    assert core.executor.restarts == 1 and core.executor.worker_pid != old_pid
+    assert core.executor.workers[0].restarts == 1 and worker_pid(core) != old_pid
     assert core.is_healthy()
 
 
 def test_worker_killed_while_idle_is_restarted_and_unhealthy_meanwhile(core, monkeypatch):
     monkeypatch.setenv("REELSERVE_FAKE_LOAD_DELAY_S", "1.5")  # the replacement loads slowly
-    old_pid = core.executor.worker_pid
+    old_pid = worker_pid(core)
     os.kill(old_pid, signal.SIGKILL)
     wait_until(lambda: not core.is_healthy())
     assert "not running" in core.health_reason()
     wait_until(core.is_healthy)
-    assert core.executor.worker_pid != old_pid
+    assert worker_pid(core) != old_pid
     _, future = core.add_request(params())
     assert future.result(TIMEOUT_S).mp4
 
@@ -97,7 +101,7 @@ def test_worker_that_cannot_come_back_makes_the_engine_unavailable_until_it_does
     monkeypatch.setenv(LOAD_FAIL_ENV, "1")
     _, running = core.add_request(params("sleep:5"))
     wait_until(lambda: core.snapshot()["running"])
-    os.kill(core.executor.worker_pid, signal.SIGKILL)
+    os.kill(worker_pid(core), signal.SIGKILL)
     with pytest.raises(GenerationFailed, match="worker process died"):
         running.result(TIMEOUT_S)
     wait_until(lambda: "fake load failure" in (core.health_reason() or ""))
@@ -110,7 +114,7 @@ def test_worker_that_cannot_come_back_makes_the_engine_unavailable_until_it_does
 
 
 def test_queue_full_is_refused_at_once(tmp_path):
-    core = make_core(str(tmp_path), max_queue=1)
+    core = make_core(str(tmp_path), max_queue=1, max_running_per_worker=1)
     core.start()
     try:
         _, running = core.add_request(params("sleep:1"))
@@ -134,7 +138,8 @@ def test_cancelled_waiting_request_leaves_the_queue(core):
     request_id, waiting = core.add_request(params())
     assert core.snapshot()["waiting"] == [request_id]
     assert waiting.cancel()
-    assert core.snapshot()["waiting"] == []
+    wait_until(lambda: core.snapshot()["waiting"] == [])  # dropped at the next loop iteration
+    assert request_id not in core.snapshot()["running"]
     assert running.result(TIMEOUT_S).mp4
 
 

@@ -1,0 +1,76 @@
+"""Step-level batching changes no request's output: the scheduler and the real runner in one process.
+
+Tolerance: the oracle's (tests/pipeline/test_oracle.py), 2e-5 on frames in [0, 1]. A batched
+forward does the same per-row arithmetic; only BLAS blocking may differ, measured ~1e-6.
+"""
+
+import torch
+
+from serve.engine.request import GenerationParams, Request
+from serve.engine.scheduler import Scheduler, SchedulerConfig, UnitResult
+from serve.worker.model_runner import ModelRunner
+
+ATOL = 2e-5
+
+
+def params(seed: int, prompt: str, guidance: float = 4.0) -> GenerationParams:
+    return GenerationParams(prompt, "blurry", 64, 48, 9, 16, 6, guidance, guidance - 1.0, seed, "unipc")
+
+
+class InProcessWorker:
+    """Executes scheduler units with the runner directly; keeps decoded float frames."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner, self.states, self.frames, self.batches = runner, {}, {}, []
+
+    def run(self, unit, requests) -> UnitResult:
+        if unit.kind == "encode":
+            states = self.runner.start([requests[rid].params for rid in unit.request_ids])
+            self.states.update(zip(unit.request_ids, states, strict=True))
+            return UnitResult(unit, experts={rid: self.runner.experts_of(self.states[rid]) for rid in unit.request_ids})
+        if unit.kind == "denoise":
+            batch = [self.states[rid] for rid in unit.request_ids]
+            self.batches.append({rid: self.states[rid].step for rid in unit.request_ids})
+            self.runner.denoise_step(batch, unit.expert)
+            return UnitResult(unit)
+        for rid in unit.request_ids:
+            self.frames[rid] = self.runner.decode(self.states.pop(rid).latents)
+        return UnitResult(unit)
+
+
+def test_a_request_batched_with_others_at_different_steps_matches_it_alone(tiny_model_dir):
+    runner = ModelRunner.from_checkpoint(tiny_model_dir)
+    target = params(seed=5, prompt="a red square moving left")
+    alone = runner.decode_float(target)
+
+    scheduler = Scheduler(SchedulerConfig(max_batch_size=4, expert_policy="fcfs"), 1)
+    worker = InProcessWorker(runner)
+    others = [params(seed=10 + i, prompt=f"a blue disc {i}", guidance=3.0 + i) for i in range(3)]
+    arrivals = {0: others[0], 2: others[1], 3: target, 5: others[2]}  # iteration -> request joining
+    ids = {}
+    for now in range(200):
+        if now in arrivals:
+            request = Request(arrivals[now], arrival_time=float(now))
+            scheduler.add_request(request)
+            ids[request.request_id] = arrivals[now]
+        out = scheduler.schedule([0], float(now))
+        results = [worker.run(u, scheduler.requests) for u in out.units]
+        scheduler.update_from_output(results)
+        if now > 5 and not scheduler.requests:
+            break
+    (target_id,) = [rid for rid, p in ids.items() if p is target]
+    shared = [b for b in worker.batches if target_id in b and len(b) > 1]
+    # it really was batched, with requests at other steps than its own
+    assert shared and any(len(set(b.values())) > 1 for b in shared)
+    torch.testing.assert_close(worker.frames[target_id], alone, atol=ATOL, rtol=0)
+    for rid, p in ids.items():  # and so is everyone else
+        torch.testing.assert_close(worker.frames[rid], runner.decode_float(p), atol=ATOL, rtol=0)
+
+
+def test_decoding_requests_together_matches_decoding_each_alone(tiny_model_dir):
+    runner = ModelRunner.from_checkpoint(tiny_model_dir)
+    latents = torch.randn(3, 16, 3, 8, 6, generator=torch.Generator().manual_seed(0))
+    together = runner.decode.batch(latents)
+    assert together.shape == (3, 9, 64, 48, 3)
+    for i in range(3):
+        torch.testing.assert_close(together[i], runner.decode(latents[i : i + 1]), atol=ATOL, rtol=0)

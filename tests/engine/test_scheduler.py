@@ -1,0 +1,230 @@
+"""The scheduler alone, fed hand-written worker reports (no processes, no torch)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from serve.engine.batch_key import latent_tokens
+from serve.engine.cost_model import CostModel
+from serve.engine.request import GenerationParams, Request, RequestStatus
+from serve.engine.scheduler import (
+    QueueFullError,
+    Scheduler,
+    SchedulerConfig,
+    UnitResult,
+    WorkerDied,
+    WorkUnit,
+)
+from tests.engine.fake_runner import fake_experts
+
+
+def params(steps: int = 4, height: int = 64, cfg: bool = True, seed: int = 0) -> GenerationParams:
+    g = 4.0 if cfg else 1.0
+    return GenerationParams("p", "", height, 64, 9, 16, steps, g, g, seed)
+
+
+def add(s: Scheduler, p: GenerationParams, at: float) -> Request:
+    r = Request(p, arrival_time=at)
+    s.add_request(r)
+    return r
+
+
+def report(unit: WorkUnit, s: Scheduler) -> UnitResult:
+    """What a healthy worker answers for `unit`."""
+    if unit.kind == "encode":
+        experts = {rid: fake_experts(s.requests[rid].params.num_inference_steps) for rid in unit.request_ids}
+        return UnitResult(unit, experts=experts)
+    return UnitResult(unit)
+
+
+def run(s: Scheduler, workers: int = 1, now: float = 0.0, until=None, max_iters: int = 1000) -> list[WorkUnit]:
+    """Schedule and complete units (each worker finishes its unit within the iteration) until idle."""
+    units: list[WorkUnit] = []
+    for _ in range(max_iters):
+        out = s.schedule(list(range(workers)), now)
+        if not out.units and not s.requests:
+            break
+        units += out.units
+        s.update_from_output([report(u, s) for u in out.units])
+        now += 1.0
+        if until is not None and until(units):
+            break
+    return units
+
+
+def test_scheduler_request_and_batch_key_import_no_torch():
+    code = (
+        "import sys, serve.engine.scheduler, serve.engine.request, serve.engine.batch_key, serve.engine.cost_model;"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_requests_are_served_first_come_first_served():
+    s = Scheduler(SchedulerConfig(max_running_per_worker=1), 1)
+    rs = [add(s, params(seed=i), at=i) for i in range(4)]
+    units = run(s)
+    encode_order = [u.request_ids[0] for u in units if u.kind == "encode"]
+    decode_order = [u.request_ids[0] for u in units if u.kind == "decode"]
+    assert encode_order == decode_order == [r.request_id for r in rs]
+    assert all(r.status == RequestStatus.FINISHED for r in rs)
+
+
+def test_each_request_runs_every_step_once_in_order_of_its_experts():
+    s = Scheduler(SchedulerConfig(), 1)
+    r = add(s, params(steps=5), at=0)
+    units = run(s)
+    steps = [u.expert for u in units if u.kind == "denoise"]
+    assert steps == list(fake_experts(5)) and r.step == 5 and r.status == RequestStatus.FINISHED
+
+
+def test_no_batch_mixes_keys_or_experts_and_batches_do_form():
+    s = Scheduler(SchedulerConfig(max_batch_size=3, max_running_per_worker=12), 1)
+    mix = [params(steps=4), params(steps=6), params(height=32), params(cfg=False)]
+    requests = {add(s, mix[i % 4], at=i).request_id: mix[i % 4] for i in range(12)}
+    seen_steps = {rid: 0 for rid in requests}
+    for unit in run(s):
+        if unit.kind != "denoise":
+            continue
+        keys = {s_key(requests[rid]) for rid in unit.request_ids}
+        experts = {fake_experts(requests[rid].num_inference_steps)[seen_steps[rid]] for rid in unit.request_ids}
+        assert len(keys) == 1 and experts == {unit.expert}
+        assert len(unit.request_ids) <= 3
+        for rid in unit.request_ids:
+            seen_steps[rid] += 1
+    assert max(len(u.request_ids) for u in run_all_units(mix)) == 3  # the cap is reached, not just respected
+
+
+def s_key(p: GenerationParams):
+    return (p.height, p.num_inference_steps, p.uses_cfg)
+
+
+def run_all_units(mix):
+    s = Scheduler(SchedulerConfig(max_batch_size=3, max_running_per_worker=12), 1)
+    for i in range(12):
+        add(s, mix[i % 4], at=i)
+    return [u for u in run(s) if u.kind == "denoise"]
+
+
+def test_predicted_cost_caps_the_batch():
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_batch_cost_s=1.0), 1)
+    s.cost = CostModel(overhead_s=0.1, per_token_s=0.0, per_token2_s=0.0)
+    one = s.cost.batch_step_s(latent_tokens(64, 64, 9), True, 1)
+    s.cost = CostModel(overhead_s=0.1, per_token_s=0.3 / (2 * latent_tokens(64, 64, 9)), per_token2_s=0.0)
+    assert one == pytest.approx(0.1)
+    for i in range(6):
+        add(s, params(), at=i)
+    sizes = [len(u.request_ids) for u in run(s) if u.kind == "denoise"]
+    # each sample costs 0.3 s (with CFG), the overhead 0.1 s: at most 3 fit under 1.0 s
+    assert max(sizes) == 3 and all(0.1 + 0.3 * n <= 1.0 + 1e-9 for n in sizes)
+
+
+def staggered_two_expert_workload(policy: str) -> Scheduler:
+    """Requests arriving one every two steps, so at any time some need the high-noise expert
+    and others the low-noise one."""
+    s = Scheduler(SchedulerConfig(expert_policy=policy, max_batch_size=1, max_wait_s=1000), 1)
+    now = 0.0
+    pending = [params(steps=8, seed=i) for i in range(6)]
+    while pending or s.requests:
+        if pending and int(now) % 2 == 0:
+            add(s, pending.pop(0), at=now)
+        out = s.schedule([0], now)
+        s.update_from_output([report(u, s) for u in out.units])
+        now += 1.0
+    return s
+
+
+def test_min_swap_order_makes_fewer_expert_swaps_than_fcfs():
+    fcfs, min_swap = staggered_two_expert_workload("fcfs"), staggered_two_expert_workload("min-swap")
+    assert min_swap.swaps < fcfs.swaps
+    print(f"expert swaps: fcfs {fcfs.swaps}, min-swap {min_swap.swaps}")
+
+
+def test_min_swap_still_serves_an_old_request_within_the_wait_bound():
+    s = Scheduler(SchedulerConfig(expert_policy="min-swap", max_batch_size=1, max_wait_s=5), 1)
+    old = add(s, params(steps=2), at=0)  # one high step, one low step
+    run(s, until=lambda units: old.step == 1)  # old is now waiting for the low-noise expert
+    last_served = old.last_scheduled
+    now = last_served + 1
+    for i in range(20):  # a stream of new requests that keep the high-noise expert busy
+        add(s, params(steps=40, seed=i + 1), at=now)
+        out = s.schedule([0], now)
+        s.update_from_output([report(u, s) for u in out.units])
+        if old.step == 2:
+            break
+        now += 1
+    assert old.step == 2 and old.last_scheduled - last_served <= 5 + 1
+
+
+def test_cancellation_takes_effect_at_the_next_step_boundary_and_frees_the_worker():
+    s = Scheduler(SchedulerConfig(), 2)
+    r = add(s, params(steps=4), at=0)
+    run(s, workers=2, until=lambda units: r.step == 1)
+    out = s.schedule([0, 1], now=10)
+    (unit,) = out.units  # its second step is in flight
+    assert s.abort(r.request_id)
+    assert s.schedule([], now=11).ended == []  # in flight: not yet
+    s.update_from_output([report(unit, s)])
+    out = s.schedule([0, 1], now=12)
+    assert out.ended == [r] and r.status == RequestStatus.CANCELLED
+    assert out.free == {r.worker: [r.request_id]} and not out.units
+
+
+def test_waiting_request_cancelled_leaves_the_queue():
+    s = Scheduler(SchedulerConfig(), 1)
+    r = add(s, params(), at=0)
+    s.abort(r.request_id)
+    out = s.schedule([], now=1)
+    assert out.ended == [r] and not s.waiting and out.free == {}
+
+
+def test_request_past_its_deadline_fails_with_a_reason():
+    s = Scheduler(SchedulerConfig(), 1)
+    r = add(s, params(steps=10), at=0)
+    r.deadline = 3.0
+    run(s, until=lambda units: len(units) >= 3)
+    out = s.schedule([0], now=100)
+    assert r in out.ended and r.status == RequestStatus.FAILED and "deadline" in r.error
+
+
+def test_requests_stay_on_their_worker_and_new_ones_go_to_the_least_loaded():
+    s = Scheduler(SchedulerConfig(max_batch_size=1), 2)
+    rs = [add(s, params(steps=6, seed=i), at=i) for i in range(4)]
+    units = run(s, workers=2)
+    for r in rs:
+        assert {u.worker for u in units if r.request_id in u.request_ids} == {r.worker}
+    assert {r.worker for r in rs} == {0, 1}
+
+
+def test_worker_death_fails_only_the_requests_it_held():
+    s = Scheduler(SchedulerConfig(max_running_per_worker=1), 2)
+    a, b, c = (add(s, params(seed=i), at=i) for i in range(3))
+    s.schedule([0, 1], now=0)
+    ended = s.update_from_output([WorkerDied(a.worker, "worker process died")])
+    assert ended == [a] and a.status == RequestStatus.FAILED and a.error == "worker process died"
+    assert b.status == RequestStatus.ENCODING and c.status == RequestStatus.WAITING
+
+
+def test_queue_is_bounded():
+    s = Scheduler(SchedulerConfig(max_queue=2), 1)
+    add(s, params(), at=0)
+    add(s, params(), at=1)
+    with pytest.raises(QueueFullError):
+        add(s, params(), at=2)
+
+
+def test_eta_grows_with_the_work_ahead():
+    s = Scheduler(SchedulerConfig(max_running_per_worker=1), 1)
+    s.cost = CostModel(overhead_s=0.5, per_token_s=0.0, per_token2_s=0.0)
+    rs = [add(s, params(steps=4, seed=i), at=i) for i in range(3)]
+    etas = [s.eta_s(r.request_id) for r in rs]
+    assert etas[0] == pytest.approx(2.0) and etas[0] < etas[1] < etas[2]
+
+
+def test_cost_model_fit_recovers_known_coefficients():
+    truth = CostModel(overhead_s=0.02, per_token_s=3e-5, per_token2_s=2e-9)
+    samples = [(t, rows, truth.batch_step_s(t, False, rows)) for t in (256, 1024, 4096) for rows in (1, 2)]
+    fitted = CostModel.fit(samples)
+    for t in (512, 8192):
+        assert fitted.batch_step_s(t, True, 3) == pytest.approx(truth.batch_step_s(t, True, 3), rel=1e-6)
