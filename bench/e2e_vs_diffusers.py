@@ -17,12 +17,13 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import psutil
+
+from models.tiny import checkpoint_or_tiny
 
 
 class PeakRss:
@@ -160,12 +161,7 @@ def main() -> None:
     if args.child_load:
         child_load(args.child_load, args.model)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if model is None:
-            from models.tiny import write_tiny_checkpoint
-
-            model = write_tiny_checkpoint(Path(tmp) / "bench", size="bench")
+    with checkpoint_or_tiny(args.model, size="bench") as model:
         report(args, model)
 
 

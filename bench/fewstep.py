@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 from pathlib import Path
 
+from models.tiny import checkpoint_or_tiny
 from serve.engine.request import GenerationParams
 from serve.worker.model_runner import ModelRunner
 
@@ -64,12 +64,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--frames", type=int, default=9)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if model is None:
-            from models.tiny import write_tiny_checkpoint
-
-            model = write_tiny_checkpoint(Path(tmp) / "bench", size="bench")
+    with checkpoint_or_tiny(args.model, size="bench") as model:
         report(args, model)
 
 

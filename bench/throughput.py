@@ -17,12 +17,13 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+
+from models.tiny import checkpoint_or_tiny
 
 
 def request_body(args, i: int) -> dict:
@@ -141,12 +142,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=9)
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if model is None:
-            from models.tiny import write_tiny_checkpoint
-
-            model = write_tiny_checkpoint(Path(tmp) / "tiny")
+    with checkpoint_or_tiny(args.model, size="tiny") as model:
         ours = run_reelserve(model, args)
         theirs = run_diffusers(model, args)
     print(

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import string
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,3 +231,14 @@ def write_tiny_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0
     pipe.save_config(out)  # model_index.json, exactly as save_pretrained writes it
     (out / "reelserve_defaults.json").write_text(json.dumps(TINY_DEFAULTS, indent=2, sort_keys=True) + "\n")
     return out
+
+
+@contextmanager
+def checkpoint_or_tiny(model_dir: str | Path | None, size: str = "bench") -> Iterator[Path]:
+    """`model_dir` if given, else a tiny checkpoint of `size` built in a temporary directory that
+    is removed afterwards (what every bench script does when run without --model)."""
+    if model_dir is not None:
+        yield Path(model_dir)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield write_tiny_checkpoint(Path(tmp) / size, size=size)
