@@ -97,6 +97,7 @@ class Scheduler:
         self.in_flight: dict[int, WorkUnit] = {}
         self.loaded_expert: dict[int, int | None] = dict.fromkeys(range(num_workers))
         self.swaps = 0
+        self._alive: set[int] = set(range(num_workers))
 
     # ---- intake ---------------------------------------------------------------------------------
 
@@ -121,6 +122,9 @@ class Scheduler:
 
     def schedule(self, idle_workers: list[int], now: float) -> SchedulerOutput:
         out = SchedulerOutput()
+        # Workers that can take work now or are working; a dead one (restarting) is neither,
+        # and must not look "least loaded" to the placement rule.
+        self._alive = set(idle_workers) | set(self.in_flight)
         self._end_cancelled_and_expired(now, out)
         for worker in idle_workers:
             if worker in self.in_flight:
@@ -301,7 +305,8 @@ class Scheduler:
         return sum(self.remaining_s(r) for r in self._on_worker(worker))
 
     def _is_least_loaded(self, worker: int) -> bool:
-        with_room = [w for w in range(self.num_workers) if len(self._on_worker(w)) < self.config.max_running_per_worker]
+        room = self.config.max_running_per_worker
+        with_room = [w for w in sorted(self._alive) if len(self._on_worker(w)) < room]
         return not with_room or self.worker_load_s(worker) <= min(self.worker_load_s(w) for w in with_room)
 
     def eta_s(self, request_id: str) -> float | None:
@@ -316,7 +321,7 @@ class Scheduler:
             return sum(self.remaining_s(o) for o in ahead)
         position = self.queue_position(request_id) or 0
         queued = sum(self.remaining_s(o) for o in list(self.waiting)[: position + 1])
-        least = min(self.worker_load_s(w) for w in range(self.num_workers))
+        least = min((self.worker_load_s(w) for w in self._alive or range(self.num_workers)), default=0.0)
         return least + queued / self.num_workers
 
     def queue_position(self, request_id: str) -> int | None:

@@ -228,3 +228,15 @@ def test_cost_model_fit_recovers_known_coefficients():
     fitted = CostModel.fit(samples)
     for t in (512, 8192):
         assert fitted.batch_step_s(t, True, 3) == pytest.approx(truth.batch_step_s(t, True, 3), rel=1e-6)
+
+
+def test_a_dead_worker_does_not_look_least_loaded():
+    s = Scheduler(SchedulerConfig(max_batch_size=1), 2)
+    busy = add(s, params(steps=20), at=0)
+    out = s.schedule([0], now=0)  # worker 1 is down (not offered): busy goes to worker 0
+    assert busy.worker == 0
+    s.update_from_output([report(u, s) for u in out.units])
+    run(s, workers=1, until=lambda units: busy.step >= 1)
+    newcomer = add(s, params(), at=5)
+    out = s.schedule([0], now=6)  # worker 1 still down; worker 0 is loaded but the only one alive
+    assert [u.kind for u in out.units] == ["encode"] and newcomer.worker == 0
