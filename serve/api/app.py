@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from models.wan.spec import read_spec
+from serve.api.body_limit import BodyLimitMiddleware
 from serve.api.jobs import JobStore
 from serve.api.routes import generate_router, health_router
 from serve.api.schemas import ErrorResponse
@@ -38,6 +39,7 @@ def create_app(config: ServerConfig, client: EngineClient | None = None) -> Fast
     app.state.config = config
     app.state.model_name = config.model_dir.name
     app.state.jobs = JobStore(config.output_dir, config.max_stored_videos, config.video_ttl_s)
+    app.add_middleware(BodyLimitMiddleware)
     app.include_router(generate_router)
     app.include_router(videos_router)
     app.include_router(health_router)

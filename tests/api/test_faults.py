@@ -84,3 +84,19 @@ def test_health_is_503_while_the_worker_restarts(small_limits_server, monkeypatc
         assert body["status"] == "unavailable" and "not running" in body["reason"]
         wait_until(lambda: http.get("/health").status_code == 200)
         assert http.post("/generate", json={"prompt": "a cat", **SMALL}).status_code == 200
+
+
+def test_oversized_bodies_are_refused_before_parsing(small_limits_server):
+    big = '{"prompt": "' + "x" * (2 << 20) + '"}'
+    with small_limits_server.client() as http:
+        declared = http.post("/generate", content=big, headers={"content-type": "application/json"})
+
+        def chunks():
+            for _ in range(3):
+                yield big[: 1 << 20].encode()
+
+        streamed = http.post("/v1/videos", content=chunks(), headers={"content-type": "application/json"})
+        after = http.get("/health")
+    assert declared.status_code == 413 and "request body over" in declared.json()["detail"]
+    assert streamed.status_code == 413
+    assert after.status_code == 200
