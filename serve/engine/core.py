@@ -223,6 +223,8 @@ class EngineCore:
             results.append(event.result)
             if event.result.unit.kind == "denoise":
                 self.metrics.step_seconds.observe(event.result.elapsed_s)
+            for outcome, count in event.report.counters.items():
+                self.metrics.step_cache_steps.labels(outcome).inc(count)
             for rid, mp4 in event.report.mp4.items():
                 self._mp4[rid] = (mp4, event.report.mp4_s)
         with self._lock:

@@ -26,6 +26,9 @@ class EngineMetrics:
             "reelserve_stage_seconds", "Seconds per request and stage", ["stage"], buckets=STAGE_BUCKETS, registry=r
         )
         self.worker_restarts = Counter("reelserve_worker_restarts", "Worker processes restarted", registry=r)
+        self.step_cache_steps = Counter(
+            "reelserve_step_cache_steps", "Denoising steps with the step cache on, by outcome", ["outcome"], registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

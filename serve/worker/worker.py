@@ -86,6 +86,7 @@ class UnitReport:
     mp4: dict[str, bytes] = field(default_factory=dict)
     mp4_s: float = 0.0
     elapsed_s: float = 0.0
+    counters: dict[str, int] = field(default_factory=dict)  # e.g. step-cache skips of the decoded requests
 
 
 def load_model_runner(model_dir: str, device: str, dtype: str, options: RunnerOptions = RunnerOptions()) -> Any:
@@ -135,6 +136,14 @@ def check_frames(frames: Any, params: GenerationParams) -> None:
     expected = (params.num_frames, params.height, params.width, 3)
     if tuple(frames.shape) != expected or str(frames.dtype) != "uint8":
         raise RuntimeError(f"runner returned {frames.dtype} frames {tuple(frames.shape)}, expected uint8 {expected}")
+
+
+def step_cache_counts(states: list[Any]) -> dict[str, int]:
+    """Steps the first-block cache skipped and computed, summed over finished requests."""
+    caches = [c for c in (getattr(s, "step_cache", None) for s in states) if c is not None]
+    if not caches:
+        return {}
+    return {"skipped": sum(c.skipped for c in caches), "computed": sum(c.computed for c in caches)}
 
 
 def _reason(e: BaseException) -> str:
@@ -194,6 +203,7 @@ class Worker:
         """Decode requests of one shape together and return their MP4s (only bytes leave)."""
         report = UnitReport()
         states = [self.states.pop(rid) for rid in request_ids]
+        report.counters = step_cache_counts(states)
         try:
             if hasattr(self.runner, "finish_mp4"):  # streams chunks into the encoders
                 videos, timings = self.runner.finish_mp4(states)

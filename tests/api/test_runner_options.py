@@ -1,6 +1,7 @@
 """Server flags that change the model (quantization, LoRA, presets) reach the worker: the served
 frames equal the in-process runner built with the same options (lossless MP4, bit-exact)."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,9 @@ def lora_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def configured_server(tiny_model_dir, lora_dir):
-    config = ServerConfig(model_dir=tiny_model_dir, quant="high=w8a8-int8,low=none", lora_dirs=(lora_dir,))
+    config = ServerConfig(
+        model_dir=tiny_model_dir, quant="high=w8a8-int8,low=none", lora_dirs=(lora_dir,), step_cache_threshold=0.0
+    )
     with LiveServer_app(config) as server:
         yield server
 
@@ -65,7 +68,7 @@ def LiveServer_app(config: ServerConfig) -> LiveServer:
 def test_quantization_and_a_per_request_lora_reach_the_worker(configured_server, tiny_model_dir, lora_dir):
     quant = QuantPolicy.parse("high=w8a8-int8,low=none", read_spec(tiny_model_dir).expert_names)
     runner = ModelRunner.from_checkpoint(
-        tiny_model_dir, quant=quant, lora=LoraOptions(lora_dirs=(lora_dir,), per_request=True)
+        tiny_model_dir, quant=quant, lora=LoraOptions(lora_dirs=(lora_dir,), per_request=True), step_cache_threshold=0.0
     )
     plain, _ = served_frames(configured_server)
     np.testing.assert_array_equal(plain, runner.generate(params()).frames)
@@ -104,3 +107,12 @@ def test_unknown_preset_and_loras_without_a_directory_are_422(real_server):
 def test_dtype_is_unchanged_by_options(tiny_model_dir):
     # guard: the comparison runners above load fp32 like the server's default
     assert ModelRunner.from_checkpoint(tiny_model_dir).denoise.experts[0].proj_out.weight.dtype == torch.float32
+
+
+def test_step_cache_steps_are_counted_in_metrics(configured_server):
+    served_frames(configured_server)  # 4 steps, threshold 0: every step computed, none skipped
+    with configured_server.client() as http:
+        text = http.get("/metrics").text
+    computed = re.search(r'^reelserve_step_cache_steps_total\{outcome="computed"\} (\S+)$', text, re.MULTILINE)
+    skipped = re.search(r'^reelserve_step_cache_steps_total\{outcome="skipped"\} (\S+)$', text, re.MULTILINE)
+    assert float(computed[1]) >= 4 and float(skipped[1]) == 0
