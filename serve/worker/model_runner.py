@@ -6,6 +6,7 @@ the streaming loader (serve/loader), so no component is ever materialised twice.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import time
@@ -18,6 +19,7 @@ import torch
 
 from models.wan.spec import WanSpec, read_spec
 from serve.engine.request import GenerationParams
+from serve.loader.residency import ResidencyConfig, ResidencyManager
 from serve.lora.options import LoraOptions, fuse_configured
 from serve.lora.runtime import LoraRegistry
 from serve.pipeline.decode import DecodeStage, stream_decode_to_mp4s, to_uint8
@@ -62,22 +64,30 @@ class WanComponents:
 
 
 def load_components(
-    spec: WanSpec, device: torch.device, dtype: torch.dtype, quant: QuantPolicy | None = None
+    spec: WanSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    quant: QuantPolicy | None = None,
+    residency: ResidencyConfig | None = None,
 ) -> WanComponents:
     from transformers import AutoTokenizer
 
     from serve.loader import load_component
 
     root = spec.model_dir
+    # Offloaded components load on the host: the residency manager moves what the device may hold.
+    host = torch.device("cpu")
+    expert_device = device if residency is None or residency.mode == "resident" else host
+    text_device = device if residency is None or residency.text_encoder == "device" else host
     return WanComponents(
         tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
-        text_encoder=load_component(root / "text_encoder", device, dtype),
+        text_encoder=load_component(root / "text_encoder", text_device, dtype),
         # The VAE stays fp32: diffusers' Wan docs recommend it, bf16 decode visibly degrades frames.
         vae=load_component(root / "vae", device, torch.float32),
         # Quantization is per expert (`--quant high=w8a8-int8,low=none`): each expert is quantized
         # while it streams in, so its float weights never sit on the device.
         experts=[
-            load_component(root / name, device, dtype, quant=quant.for_expert(name) if quant else None)
+            load_component(root / name, expert_device, dtype, quant=quant.for_expert(name) if quant else None)
             for name in spec.expert_names
         ],
         scheduler_config=json.loads((root / "scheduler" / "scheduler_config.json").read_text()),
@@ -93,10 +103,12 @@ class ModelRunner:
         lora: LoraOptions | None = None,
         step_cache_threshold: float | None = None,
         vae_decode: VaeDecodeConfig | None = None,
+        residency: ResidencyConfig | None = None,
     ) -> None:
         """`lora`: LoRAs fused at load and the directories per-request LoRAs come from.
         `step_cache_threshold`: first-block cache threshold for every request (None: off).
-        `vae_decode`: temporal chunks, spatial tiles and decode workers (default: untiled)."""
+        `vae_decode`: temporal chunks, spatial tiles and decode workers (default: untiled).
+        `residency`: memory mode (serve/loader/residency.py); None keeps everything where it was loaded."""
         lora = lora or LoraOptions()
         self.lora_log = fuse_configured(components.experts, lora)
         self.step_cache_threshold = step_cache_threshold
@@ -108,6 +120,7 @@ class ModelRunner:
         if lora.lora_dirs and lora.per_request:
             self.denoise.lora_registry = LoraRegistry(lora.lora_dirs, components.experts)
         self.decode = DecodeStage(components.vae, vae_decode)
+        self.residency = None if residency is None else install_residency(residency, spec, components, device)
 
     @classmethod
     def from_checkpoint(
@@ -124,7 +137,8 @@ class ModelRunner:
         if quant is not None:
             quant.check_no_fused_lora(spec.expert_names, options.get("lora"))
         torch_device = torch.device(device)
-        return cls(spec, load_components(spec, torch_device, dtype, quant), torch_device, **options)
+        components = load_components(spec, torch_device, dtype, quant, options.get("residency"))
+        return cls(spec, components, torch_device, **options)
 
     # ---- step-level API: what the worker process calls; `generate` composes the same calls ----
 
@@ -133,7 +147,8 @@ class ModelRunner:
         params_list = [apply_preset(p) for p in params_list]  # a preset fixes steps and turns CFG off
         prompts = [p.prompt for p in params_list]
         negatives = [p.negative_prompt for p in params_list if p.uses_cfg]
-        embeds = self.text_encode(prompts + negatives)
+        with self.residency.encoding() if self.residency else contextlib.nullcontext():
+            embeds = self.text_encode(prompts + negatives).to(self.device)  # the encoder may run on the host
         states, uncond_row = [], len(prompts)
         for i, params in enumerate(params_list):
             rows = [embeds[i : i + 1]]
@@ -166,6 +181,9 @@ class ModelRunner:
         embeds = torch.cat([s.embeds[0:1] for s in states] + ([s.embeds[1:2] for s in states] if cfg else []))
         guidance = [self._guidance_for(s.params, expert) for s in states] if cfg else None
         caches = [s.step_cache for s in states] if states[0].step_cache is not None else None
+        if self.residency is not None:
+            after = self.experts_of(states[0])[states[0].step + 1 :]
+            self.residency.before_step(expert, after[0] if after else None)
         loras = [s.params.loras for s in states]
         velocity = self.denoise.predict(latents, timesteps, embeds, guidance, expert, step_caches=caches, loras=loras)
         for i, s in enumerate(states):
@@ -242,6 +260,18 @@ class ModelRunner:
     def _guidance_for(self, params: GenerationParams, expert: int) -> float:
         """Each expert has its own scale; CFG on/off follows the high-noise scale, as in diffusers."""
         return params.guidance_scale if expert == 0 else params.guidance_scale_2
+
+
+def install_residency(
+    config: ResidencyConfig, spec: WanSpec, components: WanComponents, device: torch.device
+) -> ResidencyManager:
+    """A manager holding the runner's experts, text encoder and VAE per `config`."""
+    manager = ResidencyManager(config, device)
+    manager.add_fixed("vae", components.vae)
+    manager.add_text_encoder(components.text_encoder)
+    for name, module in zip(spec.expert_names, components.experts, strict=True):
+        manager.add_expert(name, module, spec.model_dir / name)
+    return manager
 
 
 class _timed:

@@ -1,0 +1,321 @@
+"""`reelserve inspect DIR`: parameters, bytes per dtype and memory per residency mode, from headers only.
+
+Nothing here reads a weight: shapes and dtypes come from the safetensors headers
+(`CheckpointIndex`), and which layers quantize comes from the module built on the meta device
+from `config.json`. Held bytes follow the loader's rules: floats in bf16 except the modules the
+class keeps in fp32, the VAE in fp32 (the runner's choice), and with fp8/int8 one byte per weight of
+each quantizable expert linear (`serve.quant.swap.eligible_linears`) plus an fp32 scale per output row.
+
+Activation estimate (an estimate, not a measurement), for one request at the largest size:
+    tokens = latent_frames * (H / (vae_spatial * patch_h)) * (W / (vae_spatial * patch_w))
+    denoise = 2 rows (CFG: cond and uncond in one pass) * tokens * (6 * hidden + 2 * ffn) * 2 bytes
+      (x, normed x, q, k, v, attention out; FFN up and its GELU; flash attention: no tokens^2 matrix)
+    vae decode = vae_temporal * H * W * vae_base_dim * 4 bytes (fp32) * 4 (input, output, residual, causal cache)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import struct
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+WEIGHT_DTYPES = ("bf16", "fp8", "int8")
+GIB = 2**30
+GB = 10**9
+
+
+@dataclass(frozen=True)
+class ComponentStats:
+    """One component folder: what is on disk and what it holds on a device per weight dtype."""
+
+    name: str
+    params: int
+    disk_bytes: dict[str, int]
+    held: dict[str, int]
+    """weight dtype -> bytes when the whole component is on the device."""
+    block_held: dict[str, list[int]] = field(default_factory=dict)
+    """weight dtype -> bytes of each transformer block (experts only)."""
+    config: dict = field(default_factory=dict)
+
+    def nonblock(self, wdtype: str) -> int:
+        return self.held[wdtype] - sum(self.block_held.get(wdtype, []))
+
+    def max_block(self, wdtype: str) -> int:
+        return max(self.block_held.get(wdtype, [0]))
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    root: str
+    experts: list[ComponentStats]
+    text_encoder: ComponentStats
+    vae: ComponentStats
+    vae_scale_spatial: int
+    vae_scale_temporal: int
+    patch_size: tuple[int, int, int]
+
+    def tokens(self, height: int, width: int, frames: int) -> int:
+        frames_lat = (frames - 1) // self.vae_scale_temporal + 1
+        s, (_, ph, pw) = self.vae_scale_spatial, self.patch_size
+        return frames_lat * (height // (s * ph)) * (width // (s * pw))
+
+    def activation_bytes(self, height: int, width: int, frames: int) -> int:
+        cfg = self.experts[0].config
+        hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        return 2 * self.tokens(height, width, frames) * (6 * hidden + 2 * cfg["ffn_dim"]) * 2
+
+    def vae_decode_bytes(self, height: int, width: int) -> int:
+        base = self.vae.config.get("decoder_base_dim") or self.vae.config.get("base_dim", 96)
+        return self.vae_scale_temporal * height * width * base * 4 * 4
+
+
+def component_stats(component_dir: str | Path, kind: str) -> ComponentStats:
+    """Header-only statistics of one component; `kind` is expert, text_encoder or vae."""
+    import torch
+
+    from serve.loader.build import build_empty, read_component_config
+    from serve.loader.index import DTYPE_BYTES, CheckpointIndex
+    from serve.loader.load import fp32_module_names
+    from serve.quant.schemes import QuantConfig
+    from serve.quant.swap import eligible_linears
+
+    root = Path(component_dir)
+    component, config = read_component_config(root)
+    index = CheckpointIndex.from_dir(root)
+    module = build_empty(component, config)
+    keep = fp32_module_names(component, module, torch.bfloat16)
+    quantizable = {f"{n}.weight" for n in eligible_linears(module, QuantConfig("int8-wo"), keep)}
+    disk: dict[str, int] = {}
+    held = dict.fromkeys(WEIGHT_DTYPES, 0)
+    blocks: dict[str, list[int]] = {w: [0] * len(getattr(module, "blocks", [])) for w in WEIGHT_DTYPES}
+    for info in index.tensors.values():
+        disk[info.dtype] = disk.get(info.dtype, 0) + info.nbytes
+        for wdtype in WEIGHT_DTYPES:
+            nbytes = _held_bytes(info, kind, keep, wdtype, info.name in quantizable, DTYPE_BYTES)
+            held[wdtype] += nbytes
+            if kind == "expert" and info.name.startswith("blocks."):
+                blocks[wdtype][int(info.name.split(".")[1])] += nbytes
+    params = sum(math.prod(i.shape) for i in index.tensors.values())
+    return ComponentStats(root.name, params, disk, held, blocks if kind == "expert" else {}, config)
+
+
+def _held_bytes(info, kind: str, keep: frozenset[str], wdtype: str, quantizable: bool, sizes: dict) -> int:
+    numel = math.prod(info.shape)
+    if not info.dtype.startswith(("F", "BF")):
+        return numel * sizes.get(info.dtype, 1)  # integer tensors keep their stored dtype
+    if kind == "vae" or keep.intersection(info.name.split(".")):
+        return numel * 4
+    if kind == "expert" and wdtype != "bf16" and quantizable:
+        return numel + info.shape[0] * 4  # 1-byte weight + one fp32 scale per output channel
+    return numel * 2
+
+
+def model_stats(model_dir: str | Path) -> ModelStats:
+    root = Path(model_dir)
+    index = json.loads((root / "model_index.json").read_text())
+    names = [n for n in ("transformer", "transformer_2") if (index.get(n) or [None])[0] is not None]
+    experts = [component_stats(root / n, "expert") for n in names]
+    vae = component_stats(root / "vae", "vae")
+    temporal = int(vae.config.get("scale_factor_temporal") or 2 ** sum(vae.config.get("temperal_downsample", [])))
+    spatial = int(vae.config.get("scale_factor_spatial") or 2 ** len(vae.config.get("temperal_downsample", [])))
+    return ModelStats(
+        str(root),
+        experts,
+        component_stats(root / "text_encoder", "text_encoder"),
+        vae,
+        spatial,
+        temporal,
+        tuple(experts[0].config.get("patch_size", (1, 2, 2))),
+    )
+
+
+# ---- header-only fixtures of the real checkpoints (tests and the README table) -------------------
+
+A14B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+)  # fmt: skip
+TI2V_5B = {**A14B, "num_attention_heads": 24, "ffn_dim": 14336, "num_layers": 30, "in_channels": 48, "out_channels": 48}
+UMT5_XXL = dict(
+    architectures=["UMT5EncoderModel"], vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+    num_heads=64, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu", model_type="umt5",
+)  # fmt: skip
+VAE_21 = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
+VAE_22 = dict(
+    base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+    scale_factor_spatial=16, scale_factor_temporal=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+    temperal_downsample=[False, True, True],
+)  # fmt: skip
+REFERENCE_MODELS = {
+    "Wan2.2-T2V-A14B": (A14B, 2, VAE_21, {"boundary_ratio": 0.875}),
+    "Wan2.2-TI2V-5B": (TI2V_5B, 1, VAE_22, {"expand_timesteps": True}),
+}
+# The size each model card generates at: what the README table plans for.
+REFERENCE_SIZES = [
+    ("Wan2.2-T2V-A14B", (720, 1280, 81)),
+    ("Wan2.2-T2V-A14B", (480, 832, 81)),
+    ("Wan2.2-TI2V-5B", (704, 1280, 121)),
+]
+
+
+def write_header_fixture(out_dir: str | Path, model: str) -> Path:
+    """A checkpoint folder with the real configs and safetensors files whose headers declare the real
+    shapes; the data area is a sparse hole (`truncate`), so a 28 GB expert costs a few KB of disk."""
+    transformer, n_experts, vae, extra = REFERENCE_MODELS[model]
+    root = Path(out_dir)
+    parts = {
+        "text_encoder": ("transformers", UMT5_XXL),
+        "vae": ("diffusers", {"_class_name": "AutoencoderKLWan", **vae}),
+    }
+    for name in ("transformer", "transformer_2")[:n_experts]:
+        parts[name] = ("diffusers", {"_class_name": "WanTransformer3DModel", **transformer})
+    for name, (library, config) in parts.items():
+        _write_component(root / name, library, config)
+    index = {name: [lib, "X"] for name, (lib, _) in parts.items()}
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", **index, **extra}))
+    return root
+
+
+def _write_component(folder: Path, library: str, config: dict) -> None:
+    from serve.loader.build import build_empty, read_component_config
+    from serve.loader.load import module_slots
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    component, cfg = read_component_config(folder)
+    module = build_empty(component, cfg)
+    header, offset = {}, 0
+    for slot in dict.fromkeys(module_slots(module).values()):
+        nbytes = math.prod(slot.shape) * 4
+        header[slot.names[0]] = {"dtype": "F32", "shape": list(slot.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    name = "diffusion_pytorch_model.safetensors" if library == "diffusers" else "model.safetensors"
+    raw = json.dumps(header).encode()
+    with (folder / name).open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+
+
+# ---- output ----------------------------------------------------------------------------------------
+
+
+def _fmt(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f} GiB"
+
+
+def report_rows(stats: ModelStats) -> list[list[str]]:
+    rows = []
+    for c in [*stats.experts, stats.text_encoder, stats.vae]:
+        disk = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(c.disk_bytes.items()))
+        held = " / ".join(_fmt(c.held[w]) for w in WEIGHT_DTYPES)
+        rows.append([c.name, f"{c.params:,}", disk, held])
+    return rows
+
+
+def print_report(stats: ModelStats, plans: list, size: tuple[int, int, int]) -> None:
+    table = [["component", "params", "on disk", "held bf16 / fp8 / int8"], *report_rows(stats)]
+    _print_table(table)
+    h, w, f = size
+    print(
+        f"\nactivations at {w}x{h}, {f} frames: {stats.tokens(h, w, f):,} latent tokens, denoise "
+        f"{_fmt(stats.activation_bytes(h, w, f))}, VAE decode {_fmt(stats.vae_decode_bytes(h, w))}\n"
+    )
+    rows = [["mode", "weights", "text encoder", "source", "device peak", "host", "fits"]]
+    for p in plans:
+        fit = "yes" if p.fits else "no"
+        rows.append([p.mode, p.weights_dtype, p.text_encoder, p.offload_source, _fmt(p.device), _fmt(p.host), fit])
+    _print_table(rows)
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=True)).rstrip())
+
+
+def readme_table(prefetch_blocks: int = 1) -> str:
+    """Planner choices for the reference models on common cards (computed from headers, not measured)."""
+    from serve.loader.planner import Budget, plan
+
+    lines = [
+        "| model | size | host RAM | " + " | ".join(f"{v} GB" for v in (8, 12, 16, 24, 48, 80)) + " |",
+        "|---|---|---|" + "---|" * 6,
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for model, size in REFERENCE_SIZES:
+            if not (Path(tmp) / model).is_dir():
+                write_header_fixture(Path(tmp) / model, model)
+            stats = model_stats(Path(tmp) / model)
+            for ram in (32, 64):
+                cells = []
+                for vram in (8, 12, 16, 24, 48, 80):
+                    choice = [
+                        plan(stats, Budget(vram * GB, ram * GB), size, w, prefetch_blocks) for w in ("bf16", "fp8")
+                    ]
+                    cells.append(" / ".join(c.short() if c else "none" for c in choice))
+                h, w, f = size
+                lines.append(f"| {model} | {w}x{h}x{f} | {ram} GB | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from serve.loader.planner import budget_from_args, candidates
+
+    parser = argparse.ArgumentParser(prog="reelserve inspect", description=__doc__.split("\n")[0])
+    parser.add_argument("model_dir", nargs="?", type=Path)
+    parser.add_argument("--table", action="store_true", help="print the README table for the reference models")
+    add_inspect_args(parser)
+    add_memory_args(parser)
+    args = parser.parse_args(argv)
+    if args.table:
+        print(readme_table(args.prefetch_blocks))
+        return 0
+    if args.model_dir is None:
+        parser.error("give a checkpoint directory (or --table)")
+    return run_inspect(args, budget_from_args, candidates)
+
+
+def add_inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--height", type=int, default=720)
+    p.add_argument("--width", type=int, default=1280)
+    p.add_argument("--num-frames", type=int, default=81)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run_inspect(args, budget_from_args, candidates) -> int:
+    stats = model_stats(args.model_dir)
+    size = (args.height, args.width, args.num_frames)
+    budget = budget_from_args(args, measure=False)
+    plans = candidates(stats, budget, size, args.prefetch_blocks)
+    if args.json:
+        out = {"model": asdict(stats), "tokens": stats.tokens(*size), "plans": [asdict(p) for p in plans]}
+        out["activation_bytes"] = stats.activation_bytes(*size)
+        out["vae_decode_bytes"] = stats.vae_decode_bytes(args.height, args.width)
+        for c in out["model"]["experts"] + [out["model"]["text_encoder"], out["model"]["vae"]]:
+            c.pop("config")
+        print(json.dumps(out, indent=2))
+    else:
+        print_report(stats, plans, size)
+    return 0
+
+
+def add_memory_args(p: argparse.ArgumentParser) -> None:
+    """The memory flags of `inspect`, `serve` and `generate` (torch-free: the CLI builds its parser
+    before it knows which command runs)."""
+    p.add_argument("--vram", default=None, help="device memory budget, e.g. 24GiB (default: measured free memory)")
+    p.add_argument("--ram", default=None, help="host memory budget, e.g. 64GiB (default: measured available RAM)")
+    p.add_argument("--memory-mode", default="auto", choices=("auto", "resident", "expert-swap", "block-offload"))
+    p.add_argument("--weights-dtype", default="bf16", choices=("bf16", "fp8", "int8"))
+    p.add_argument("--text-encoder-device", default="auto", choices=("auto", "device", "swap", "cpu"))
+    p.add_argument("--prefetch-blocks", type=int, default=1, help="block-offload: blocks loaded ahead (k)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

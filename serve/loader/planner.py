@@ -1,0 +1,163 @@
+"""Pick the residency mode with the least transfer that fits the device and host budgets.
+
+Candidates in order of transfer cost: `resident` (none), `expert-swap` from a host copy (one expert
+per switch), from the shards (same, read from disk), `block-offload` from host (every block, every
+step), from the shards. Within a mode the text encoder prefers the device, then swapping in while
+encoding, then encoding on the host. The first candidate whose device peak and host bytes fit wins.
+
+Device peak = weights held on the device + max(denoise activations, VAE decode working set, the
+text encoder when swapped in); the largest request comes from `serve.config.Limits`. Budgets keep a
+reserve for what we do not model: the CUDA context and allocator fragmentation on the device
+(`DEVICE_RESERVE`), the OS and the Python process on the host (`HOST_RESERVE`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from models.inspect import GIB, ModelStats
+from serve.loader.residency import ResidencyConfig
+
+log = logging.getLogger(__name__)
+
+DEVICE_RESERVE = 1 * GIB
+HOST_RESERVE = 4 * GIB
+UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12}
+UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tb": 10**12, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bytes the model may use on the compute device and in host RAM."""
+
+    device: int
+    host: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str
+    weights_dtype: str
+    text_encoder: str
+    offload_source: str
+    device: int
+    """Peak device bytes (weights + activations) of the largest request."""
+    host: int
+    """Host bytes held for offloaded weights and a host-side text encoder."""
+    fits: bool
+
+    def config(self, prefetch_blocks: int = 1) -> ResidencyConfig:
+        return ResidencyConfig(self.mode, prefetch_blocks, self.text_encoder, self.offload_source)
+
+    def short(self) -> str:
+        source = "(disk)" if self.offload_source == "disk" else ""
+        te = {"device": "", "swap": ", TE swap", "cpu": ", TE cpu"}[self.text_encoder]
+        return f"{self.mode}{source}{te}"
+
+
+def parse_bytes(text: str, flag: str) -> int:
+    """`24GiB`, `24GB`, `64g`, `512MiB` -> bytes; a clear error naming the flag otherwise."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match and match.group(2).lower()
+    if not match or unit not in UNITS:
+        raise ValueError(f"{flag} {text!r} is not a size; write a number with a unit, e.g. {flag} 24GiB or 24GB")
+    return int(float(match.group(1)) * UNITS[unit])
+
+
+def _weights_on_device(stats: ModelStats, mode: str, wdtype: str, te: str, k: int) -> int:
+    experts = stats.experts
+    held = stats.vae.held[wdtype] + (stats.text_encoder.held["bf16"] if te == "device" else 0)
+    if mode == "resident":
+        return held + sum(e.held[wdtype] for e in experts)
+    if mode == "expert-swap":
+        return held + max(e.held[wdtype] for e in experts)
+    return held + sum(e.nonblock(wdtype) for e in experts) + (k + 1) * max(e.max_block(wdtype) for e in experts)
+
+
+def estimate(stats: ModelStats, mode: str, wdtype: str, te: str, source: str, size, k: int = 1) -> tuple[int, int]:
+    """(device peak, host bytes) of one configuration for a request of `size` = (height, width, frames)."""
+    height, width, frames = size
+    working = max(stats.activation_bytes(height, width, frames), stats.vae_decode_bytes(height, width))
+    if te == "swap":
+        working = max(working, stats.text_encoder.held["bf16"])
+    device = _weights_on_device(stats, mode, wdtype, te, k) + working
+    host = stats.text_encoder.held["bf16"] if te != "device" else 0
+    if mode != "resident" and source == "host":
+        host += sum(e.held[wdtype] for e in stats.experts)  # the manager keeps a host copy of every expert
+    return device, host
+
+
+def candidates(stats: ModelStats, budget: Budget, size, k: int = 1, wdtypes=("bf16", "fp8", "int8")) -> list[Plan]:
+    """Every configuration in preference order, with its numbers and whether it fits."""
+    modes = [("resident", "host"), ("expert-swap", "host"), ("expert-swap", "disk")]
+    modes += [("block-offload", "host"), ("block-offload", "disk")]
+    if len(stats.experts) < 2:
+        modes = [m for m in modes if m[0] != "expert-swap"]  # one expert: nothing to swap
+    plans = []
+    for wdtype in wdtypes:
+        for mode, source in modes:
+            for te in ("device", "swap", "cpu"):
+                device, host = estimate(stats, mode, wdtype, te, source, size, k)
+                fits = device + DEVICE_RESERVE <= budget.device and host + HOST_RESERVE <= budget.host
+                plans.append(Plan(mode, wdtype, te, source, device, host, fits))
+    return plans
+
+
+def plan(stats: ModelStats, budget: Budget, size, wdtype: str = "bf16", k: int = 1, mode: str = "auto") -> Plan | None:
+    """The first fitting candidate for `wdtype` (restricted to `mode` unless auto), or None."""
+    for p in candidates(stats, budget, size, k, (wdtype,)):
+        if p.fits and mode in ("auto", p.mode):
+            return p
+    return None
+
+
+def choose(stats: ModelStats, budget: Budget, size, wdtype: str, k: int, mode: str, text_encoder: str) -> Plan:
+    """The planner's choice honoring `--memory-mode` and `--text-encoder-device`; logs the numbers behind it."""
+    plans = [
+        p
+        for p in candidates(stats, budget, size, k, (wdtype,))
+        if mode in ("auto", p.mode) and text_encoder in ("auto", p.text_encoder)
+    ]
+    chosen = next((p for p in plans if p.fits), None)
+    if chosen is None:
+        best = min(plans, key=lambda p: p.device)
+        raise ValueError(
+            f"no memory mode fits {size[1]}x{size[0]}x{size[2]} frames in {budget.device / GIB:.1f} GiB of device and "
+            f"{budget.host / GIB:.1f} GiB of host memory (smallest: {best.short()} needs {best.device / GIB:.1f} GiB "
+            f"device, {best.host / GIB:.1f} GiB host); lower --max-height/--max-width/--max-num-frames, "
+            "use --weights-dtype fp8, or allow --memory-mode auto"
+        )
+    log.info(
+        "memory plan: %s (%s weights, text encoder %s, offload source %s): device peak %.2f GiB of %.2f, "
+        "host %.2f GiB of %.2f, for %dx%dx%d frames",
+        chosen.mode, wdtype, chosen.text_encoder, chosen.offload_source, chosen.device / GIB,
+        budget.device / GIB, chosen.host / GIB, budget.host / GIB, size[1], size[0], size[2],
+    )  # fmt: skip
+    return chosen
+
+
+def budget_from_args(args, measure: bool = True, device: str = "cuda:0") -> Budget:
+    """`--vram`/`--ram` when given, else measured (`torch.cuda.mem_get_info`, psutil) when `measure`."""
+    return Budget(_device_budget(args.vram, measure, device), _host_budget(args.ram, measure))
+
+
+def _device_budget(text: str | None, measure: bool, device: str) -> int:
+    if text is not None:
+        return parse_bytes(text, "--vram")
+    import torch
+
+    if measure and device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return 2**62  # no budget given or measurable (CPU): unbounded
+
+
+def _host_budget(text: str | None, measure: bool) -> int:
+    if text is not None:
+        return parse_bytes(text, "--ram")
+    if measure:
+        import psutil
+
+        return psutil.virtual_memory().available
+    return 2**62

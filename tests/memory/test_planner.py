@@ -1,0 +1,45 @@
+"""The planner picks the least-transfer mode that fits, and refuses clearly when nothing does."""
+
+import pytest
+
+from models.inspect import GB, GIB, model_stats, write_header_fixture
+from serve.loader.planner import Budget, choose, estimate, parse_bytes, plan
+
+SIZE = (720, 1280, 81)
+
+
+@pytest.fixture(scope="module")
+def a14b(tmp_path_factory):
+    return model_stats(write_header_fixture(tmp_path_factory.mktemp("hdr") / "a14b", "Wan2.2-T2V-A14B"))
+
+
+def test_parse_bytes() -> None:
+    assert parse_bytes("24GiB", "--vram") == 24 * GIB and parse_bytes("64GB", "--ram") == 64 * GB
+    with pytest.raises(ValueError, match="--vram '24XB'.*24GiB"):
+        parse_bytes("24XB", "--vram")
+
+
+def test_modes_order_by_device_bytes(a14b) -> None:
+    """Resident > expert-swap > block-offload in device bytes, and the block-offload figure is
+    non-block weights + 2 blocks (k=1), not a whole expert."""
+    dev = {m: estimate(a14b, m, "bf16", "cpu", "host", SIZE)[0] for m in ("resident", "expert-swap", "block-offload")}
+    assert dev["resident"] > dev["expert-swap"] > dev["block-offload"]
+    e = a14b.experts[0]
+    assert dev["expert-swap"] - dev["block-offload"] == e.held["bf16"] - 2 * e.nonblock("bf16") - 2 * e.max_block(
+        "bf16"
+    )
+
+
+def test_plan_prefers_least_transfer(a14b) -> None:
+    assert plan(a14b, Budget(80 * GB, 256 * GB), SIZE).mode == "resident"
+    assert plan(a14b, Budget(48 * GB, 256 * GB), SIZE).mode == "expert-swap"
+    assert plan(a14b, Budget(24 * GB, 256 * GB), SIZE).mode == "block-offload"
+    # Too little host RAM for host copies of both experts: re-read from the shards.
+    assert plan(a14b, Budget(48 * GB, 32 * GB), SIZE).offload_source == "disk"
+
+
+def test_choose_honours_flags_and_explains_failure(a14b) -> None:
+    chosen = choose(a14b, Budget(80 * GB, 256 * GB), SIZE, "bf16", 1, "block-offload", "cpu")
+    assert (chosen.mode, chosen.text_encoder) == ("block-offload", "cpu")
+    with pytest.raises(ValueError, match="no memory mode fits.*--max-height"):
+        choose(a14b, Budget(8 * GB, 64 * GB), SIZE, "bf16", 1, "auto", "auto")
