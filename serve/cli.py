@@ -1,4 +1,4 @@
-"""`reelserve serve | generate | tiny`: the command-line entry points."""
+"""`reelserve serve | generate | inspect | tiny`: the command-line entry points."""
 
 from __future__ import annotations
 
@@ -66,25 +66,6 @@ def _add_fewstep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-workers", type=int, default=1, help="threads decoding VAE tiles in parallel")
 
 
-def runner_options(args) -> dict:
-    """ModelRunner keyword options from the few-step flags (the worker passes the same dict)."""
-    from serve.lora.options import FusedLora, LoraOptions
-
-    fused = tuple(
-        FusedLora(path, i, getattr(args, f"lora_{name}_scale"))
-        for i, name in enumerate(("high", "low"))
-        if (path := getattr(args, f"lora_{name}")) is not None
-    )
-    # The operator's own command line is trusted: without --lora-dir, the named files' directories
-    # are the LoRA directories. Request-named LoRAs always need --lora-dir.
-    dirs = tuple(args.lora_dir) or tuple(dict.fromkeys(f.path.resolve().parent for f in fused))
-    lora = LoraOptions(lora_dirs=dirs, fused=fused, per_request=bool(args.lora_dir))
-    from serve.vae import VaeDecodeConfig
-
-    vae = VaeDecodeConfig(args.vae_tile, args.vae_tile_overlap, args.vae_chunk_frames, args.vae_workers)
-    return {"lora": lora, "step_cache_threshold": args.step_cache_threshold, "vae_decode": vae}
-
-
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reelserve", description="Serve Wan2.x video generation models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +83,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-timeout-s", type=float, default=None, help="fail requests not done by then")
     serve.add_argument("--output-dir", type=Path, default=None, help="where job videos are stored")
     _add_fewstep_args(serve)
+    _add_memory_args(serve)
     for name in LIMIT_FLAGS:
         serve.add_argument(f"--{name.replace('_', '-')}", type=float if "scale" in name else int, default=None)
 
@@ -124,11 +106,16 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampler", default="unipc", choices=("unipc", "euler"))
     gen.add_argument("--lossless", action="store_true", help="RGB H.264 at qp 0 (bit-exact frames)")
     _add_fewstep_args(gen)
+    _add_memory_args(gen)
 
     quantize = sub.add_parser("quantize", help="write a pre-quantized copy of a checkpoint")
     quantize.add_argument("in_dir", type=Path)
     quantize.add_argument("out_dir", type=Path)
     _add_quant_args(quantize, "--scheme")
+
+    inspect = sub.add_parser("inspect", help="parameters, bytes and memory per residency mode (headers only)")
+    inspect.add_argument("model_dir", type=Path)
+    _add_inspect_args(inspect)
 
     tiny = sub.add_parser("tiny", help="write a tiny deterministic Wan2.2 checkpoint")
     tiny.add_argument("out_dir", type=Path)
@@ -138,6 +125,19 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Flags that shape how the model is loaded and run, shared by `serve` and `generate`.
+MODEL_OPTIONS = (
+    "vae_tile",
+    "vae_tile_overlap",
+    "vae_chunk_frames",
+    "vae_workers",
+    "memory_mode",
+    "weights_dtype",
+    "text_encoder_device",
+    "prefetch_blocks",
+    "vram",
+    "ram",
+)
 SERVE_OPTIONS = (
     "workers",
     "max_queue",
@@ -216,20 +216,25 @@ class UserFacingError(Exception):
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
+    from models.wan.spec import read_spec
+    from serve.engine.client import runner_options
     from serve.loader import CheckpointError
     from serve.pipeline.mp4 import encode_mp4
     from serve.sampling.presets import apply_preset
-    from serve.worker.model_runner import ModelRunner
+    from serve.worker.worker import load_model_runner
 
+    spec = read_spec(args.model)
+    params = apply_preset(_params_from_args(args, spec))
+    # Plan memory for this request's own size, not the server's largest.
+    limits = {"max_height": params.height, "max_width": params.width, "max_num_frames": params.num_frames}
+    config = server_config(args)
+    config = config.model_copy(update={"limits": config.limits.model_copy(update=limits)})
     try:
-        dtype = resolve_dtype(args.dtype, args.device)
-        quant = quant_policy(args.quant, args.quant_skip, args.model)
-        runner = ModelRunner.from_checkpoint(args.model, args.device, dtype, quant=quant, **runner_options(args))
+        runner = load_model_runner(str(config.model_dir), config.device, config.dtype, runner_options(config))
     except CheckpointError as e:
         raise UserFacingError(str(e)) from e
     for line in runner.lora_log:
         print(line, file=sys.stderr)
-    params = apply_preset(_params_from_args(args, runner.spec))
     with tqdm(total=params.num_inference_steps, desc="denoising", unit="step") as bar:
         output = runner.generate(params, on_step=lambda done, total: bar.update(1))
     args.output.write_bytes(encode_mp4(output.frames, params.fps, params.lossless))
@@ -240,43 +245,44 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from serve.api.server import ServerStartError, run_server
+def server_config(args, **overrides):
+    """The ServerConfig both `serve` and `generate` run with (generate: one in-process runner)."""
     from serve.config import Limits, ServerConfig
 
     if args.quant is not None:
-        quant_policy(args.quant, args.quant_skip, args.model)  # a bad --quant fails here, before the server starts
+        quant_policy(args.quant, args.quant_skip, args.model)  # a bad --quant fails here, before loading
     fused = tuple(
         (path, i, getattr(args, f"lora_{name}_scale"))
         for i, name in enumerate(("high", "low"))
         if (path := getattr(args, f"lora_{name}")) is not None
     )
-    few_step = {
+    model_options = {
         "quant": args.quant,
         "quant_skip": tuple(args.quant_skip),
         "lora_dirs": tuple(args.lora_dir),
         "fused_loras": fused,
         "step_cache_threshold": args.step_cache_threshold,
         "default_preset": args.preset,
-        "vae_tile": args.vae_tile,
-        "vae_tile_overlap": args.vae_tile_overlap,
-        "vae_chunk_frames": args.vae_chunk_frames,
-        "vae_workers": args.vae_workers,
+        **{name: getattr(args, name) for name in MODEL_OPTIONS},
     }
-    limits = {name: getattr(args, name) for name in LIMIT_FLAGS if getattr(args, name) is not None}
-    options = {name: getattr(args, name) for name in SERVE_OPTIONS if getattr(args, name) is not None}
-    if args.devices is not None:
+    limits = {name: getattr(args, name, None) for name in LIMIT_FLAGS}
+    options = {name: getattr(args, name, None) for name in SERVE_OPTIONS}
+    if getattr(args, "devices", None) is not None:
         options["devices"] = resolve_devices(args.devices)
-    config = ServerConfig(
+    return ServerConfig(
         model_dir=args.model,
-        host=args.host,
-        port=args.port,
         device=args.device,
         dtype=args.dtype or ("float32" if args.device == "cpu" else "bfloat16"),
-        limits=Limits(**limits),
-        **options,
-        **few_step,
+        limits=Limits(**{k: v for k, v in limits.items() if v is not None}),
+        **{k: v for k, v in (options | overrides).items() if v is not None},
+        **model_options,
     )
+
+
+def cmd_serve(args) -> int:
+    from serve.api.server import ServerStartError, run_server
+
+    config = server_config(args, host=args.host, port=args.port)
     try:
         run_server(config)
     except ServerStartError as e:
@@ -298,6 +304,30 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _add_memory_args(p: argparse.ArgumentParser) -> None:
+    from models.inspect import add_memory_args
+
+    add_memory_args(p)
+
+
+def _add_inspect_args(p: argparse.ArgumentParser) -> None:
+    from models.inspect import add_inspect_args, add_memory_args
+
+    add_inspect_args(p)
+    add_memory_args(p)
+
+
+def cmd_inspect(args) -> int:
+    from models.inspect import run_inspect
+    from serve.loader import CheckpointError
+    from serve.loader.planner import budget_from_args, candidates
+
+    try:
+        return run_inspect(args, budget_from_args, candidates)
+    except CheckpointError as e:
+        raise UserFacingError(str(e)) from e
+
+
 def cmd_tiny(args) -> int:
     from models.tiny import write_tiny_checkpoint
 
@@ -306,14 +336,29 @@ def cmd_tiny(args) -> int:
     return 0
 
 
+def _one_line(e: Exception) -> str:
+    """pydantic's ValidationError lists each bad field over several lines with a docs URL; keep
+    just the field (as its flag) and the message, which already says the fix."""
+    errors = getattr(e, "errors", None)
+    if not callable(errors):
+        return str(e)
+    parts = []
+    for err in errors():
+        field = ".".join(str(x) for x in err["loc"] if x != "limits").replace("model_dir", "model")
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"--{field.replace('_', '-')}: {message}" if field else message)
+    return "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    handler = {"serve": cmd_serve, "generate": cmd_generate, "quantize": cmd_quantize, "tiny": cmd_tiny}[args.command]
+    handlers = {"serve": cmd_serve, "generate": cmd_generate, "quantize": cmd_quantize, "tiny": cmd_tiny}
+    handler = {**handlers, "inspect": cmd_inspect}[args.command]
     try:
         return handler(args)
     except (FileNotFoundError, ValueError, UserFacingError) as e:
-        # Checkpoint and argument problems: one line naming the file and the fix, no traceback.
-        print(f"reelserve {args.command}: error: {e}", file=sys.stderr)
+        # Checkpoint and argument problems: one line each naming the file or flag and the fix.
+        print(f"reelserve {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -118,6 +118,20 @@ class ServerConfig(_Frozen):
     """Latent frames per temporal decode chunk (`--vae-chunk-frames`); each chunk streams to the MP4."""
     vae_workers: int = Field(1, ge=1)
     """Threads decoding tiles in parallel (`--vae-workers`)."""
+    memory_mode: Literal["auto", "resident", "expert-swap", "block-offload"] = "auto"
+    """Where weights live (`--memory-mode`): `auto` lets each worker's planner pick from its device's
+    free memory and the largest request the limits allow; on a CPU, auto is resident."""
+    weights_dtype: Literal["bf16", "fp8", "int8"] = "bf16"
+    """Weight storage (`--weights-dtype`); fp8/int8 quantize weight-only while loading (use `--quant`
+    for W8A8 or per-expert choices)."""
+    text_encoder_device: Literal["auto", "device", "swap", "cpu"] = "auto"
+    """Text encoder placement (`--text-encoder-device`): on the device, swapped in to encode, or on the CPU."""
+    prefetch_blocks: int = Field(1, ge=0)
+    """Blocks loaded ahead under block-offload (`--prefetch-blocks`)."""
+    vram: str | None = None
+    """Device memory budget for the planner, e.g. `24GiB` (`--vram`); default: measured free memory."""
+    ram: str | None = None
+    """Host memory budget for the planner, e.g. `64GiB` (`--ram`); default: measured available memory."""
     default_preset: str | None = None
     """Few-step preset for requests that name none (`--preset`), for a server of a distilled model."""
     worker_start_timeout_s: float = Field(600.0, gt=0)
@@ -137,6 +151,12 @@ class ServerConfig(_Frozen):
 
     def worker_devices(self) -> list[str]:
         return list(self.devices) or [self.device] * self.workers
+
+    @model_validator(mode="after")
+    def _one_weight_storage(self) -> ServerConfig:
+        if self.quant is not None and self.weights_dtype != "bf16":
+            raise ValueError("give --quant or --weights-dtype, not both (--quant sets the weight storage itself)")
+        return self
 
     @field_validator("device")
     @classmethod

@@ -23,7 +23,7 @@ from serve.engine.core import (
 from serve.engine.executor import Executor
 from serve.engine.request import GenerationParams
 from serve.engine.scheduler import Scheduler, SchedulerConfig
-from serve.worker.worker import DEFAULT_RUNNER_FACTORY, RunnerOptions, WorkerArgs
+from serve.worker.worker import DEFAULT_RUNNER_FACTORY, WEIGHTS_DTYPE_QUANT, RunnerOptions, WorkerArgs
 
 __all__ = [
     "EngineClient",
@@ -57,12 +57,20 @@ def runner_options(config: ServerConfig) -> RunnerOptions:
         vae_tile_overlap=config.vae_tile_overlap,
         vae_chunk_frames=config.vae_chunk_frames,
         vae_workers=config.vae_workers,
+        memory_mode=config.memory_mode,
+        weights_dtype=config.weights_dtype,
+        text_encoder_device=config.text_encoder_device,
+        prefetch_blocks=config.prefetch_blocks,
+        vram=config.vram,
+        ram=config.ram,
+        largest_request=(config.limits.max_height, config.limits.max_width, config.limits.max_num_frames),
     )
 
 
 def quant_key(config: ServerConfig) -> str:
     """The server-wide quantization in the batch key (one policy per server)."""
-    return "none" if config.quant is None else f"{config.quant};skip={','.join(config.quant_skip)}"
+    quant = config.quant or WEIGHTS_DTYPE_QUANT[config.weights_dtype]
+    return "none" if quant is None else f"{quant};skip={','.join(config.quant_skip)}"
 
 
 class EngineClient:

@@ -58,6 +58,17 @@ class RunnerOptions:
     """Latent frames per temporal decode chunk."""
     vae_workers: int = 1
     """Threads (or devices) that decode tiles in parallel."""
+    memory_mode: str = "auto"
+    """auto (the planner picks for this worker's device), resident, expert-swap or block-offload."""
+    weights_dtype: str = "bf16"
+    """Weight storage the planner assumes: bf16, fp8 or int8 (fp8/int8 imply weight-only quantization)."""
+    text_encoder_device: str = "auto"
+    prefetch_blocks: int = 1
+    vram: str | None = None
+    """Device budget, e.g. 24GiB (None: measured free memory of this worker's device)."""
+    ram: str | None = None
+    largest_request: tuple[int, int, int] = (1280, 1280, 129)
+    """(height, width, frames) of the largest request the server accepts: what must fit."""
 
 
 @dataclass(frozen=True)
@@ -99,9 +110,10 @@ def load_model_runner(model_dir: str, device: str, dtype: str, options: RunnerOp
     from serve.vae import VaeDecodeConfig
     from serve.worker.model_runner import ModelRunner
 
+    quant_text = options.quant or WEIGHTS_DTYPE_QUANT[options.weights_dtype]
     quant = None
-    if options.quant:
-        quant = QuantPolicy.parse(options.quant, read_spec(model_dir).expert_names, options.quant_skip)
+    if quant_text:
+        quant = QuantPolicy.parse(quant_text, read_spec(model_dir).expert_names, options.quant_skip)
     fused_dirs = tuple(dict.fromkeys(Path(f).resolve().parent for f, _, _ in options.fused_loras))
     lora = LoraOptions(
         # The operator's own command line is trusted: files fused at load may sit outside
@@ -117,6 +129,7 @@ def load_model_runner(model_dir: str, device: str, dtype: str, options: RunnerOp
         quant=quant,
         lora=lora,
         step_cache_threshold=options.step_cache_threshold,
+        residency=plan_residency(model_dir, device, options),
         vae_decode=VaeDecodeConfig(
             tile_sample_size=options.vae_tile,
             tile_sample_overlap=options.vae_tile_overlap,
@@ -124,6 +137,37 @@ def load_model_runner(model_dir: str, device: str, dtype: str, options: RunnerOp
             workers=options.vae_workers,
         ),
     )
+
+
+# `--weights-dtype` names a storage; the quantization that gives it (weight-only, upcast per layer).
+WEIGHTS_DTYPE_QUANT = {"bf16": None, "fp8": "fp8-wo", "int8": "int8-wo"}
+
+
+def plan_residency(model_dir: str, device: str, options: RunnerOptions) -> Any:
+    """The memory mode for this worker's device: forced by `memory_mode`, or chosen by the planner
+    from this device's free memory (each GPU of a multi-GPU host is measured on its own).
+    None keeps everything resident, which is what `auto` means on a CPU: there is no separate
+    device memory to save."""
+    from models.inspect import model_stats
+    from serve.loader.planner import Budget, _device_budget, _host_budget, choose
+    from serve.loader.residency import ResidencyConfig
+
+    if options.memory_mode == "resident" or (options.memory_mode == "auto" and device == "cpu"):
+        return None
+    if options.memory_mode != "auto":
+        text = "device" if options.text_encoder_device == "auto" else options.text_encoder_device
+        return ResidencyConfig(options.memory_mode, options.prefetch_blocks, text)
+    budget = Budget(_device_budget(options.vram, True, device), _host_budget(options.ram, True))
+    plan = choose(
+        model_stats(model_dir),
+        budget,
+        options.largest_request,
+        options.weights_dtype,
+        options.prefetch_blocks,
+        "auto",
+        options.text_encoder_device,
+    )
+    return plan.config(options.prefetch_blocks)
 
 
 def import_object(path: str) -> Any:
