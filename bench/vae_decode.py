@@ -3,9 +3,11 @@
 Every configuration runs in a fresh subprocess, so one run's freed-but-cached pages cannot hide the
 next one's peak. Memory is the rise of RSS (sampled every millisecond in a thread) over the RSS just
 before decoding; tracemalloc would not see torch's allocations. The chunked configurations consume
-chunks as the MP4 path does (to uint8, then dropped), so the whole video never exists as floats.
+chunks as the MP4 path does (uint8 from the decoder, then dropped): chunk-major never holds the whole
+video; tile-major holds it as uint8 until the last tile is done.
 
     python bench/vae_decode.py                      # 256x256, 33 frames, Wan2.1 VAE layout at base_dim 16
+    python bench/vae_decode.py --only tile-major    # only the tile-major configs and the full decode
     python bench/vae_decode.py --base-dim 96        # the real Wan2.1 width (about 40x slower on CPU)
 """
 
@@ -20,13 +22,19 @@ import sys
 import threading
 import time
 
+TILE_128 = dict(tile_sample_size=128, tile_sample_overlap=32)
 CONFIGS: dict[str, dict] = {
     "full (diffusers decode)": {},
     "chunk 1, untiled": dict(chunk_latent_frames=1),
-    "tile 128/32, chunk 1": dict(tile_sample_size=128, tile_sample_overlap=32, chunk_latent_frames=1),
-    "tile 128/32, chunk 2": dict(tile_sample_size=128, tile_sample_overlap=32, chunk_latent_frames=2),
-    "tile 128/32, chunk 1, 2 workers": dict(tile_sample_size=128, tile_sample_overlap=32, workers=2),
+    "tile 128/32, chunk 1": dict(TILE_128, chunk_latent_frames=1),
+    "tile 128/32, chunk 2": dict(TILE_128, chunk_latent_frames=2),
+    "tile 128/32, chunk 1, 2 workers": dict(TILE_128, workers=2),
     "tile 192/64, chunk 1": dict(tile_sample_size=192, tile_sample_overlap=64, chunk_latent_frames=1),
+    "tile-major 128/32, chunk 1": dict(TILE_128, chunk_latent_frames=1, order="tile-major"),
+    "tile-major 128/32, chunk 2": dict(TILE_128, chunk_latent_frames=2, order="tile-major"),
+    "tile-major 128/32, chunk 1, 2 workers": dict(TILE_128, workers=2, order="tile-major"),
+    "tile-major 192/64, chunk 1": dict(tile_sample_size=192, tile_sample_overlap=64, order="tile-major"),
+    "tile-major 64/16, chunk 1": dict(tile_sample_size=64, tile_sample_overlap=16, order="tile-major"),
 }
 
 
@@ -80,13 +88,9 @@ def run_child(spec: dict) -> dict:
         if decoder is None:
             frames = vae.decode(z).sample.shape[2]
         else:
-            frames = sum(_to_uint8(chunk).shape[0] for chunk in decoder.iter_chunks(z))
+            frames = sum(chunk.shape[2] for chunk in decoder.iter_chunks(z, as_uint8=True))
         seconds = time.perf_counter() - start
     return {"peak_rise": rss.rise, "seconds": seconds, "frames": frames}
-
-
-def _to_uint8(chunk):
-    return ((chunk[0] / 2 + 0.5).clamp(0, 1) * 255).round().to(dtype=__import__("torch").uint8).permute(1, 2, 3, 0)
 
 
 def measure(name: str, args: argparse.Namespace) -> dict:
@@ -110,6 +114,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=33)
     parser.add_argument("--repeats", type=int, default=1, help="runs per config; medians are reported")
     parser.add_argument("--glibc-default", action="store_true", help="keep glibc's dynamic mmap threshold")
+    parser.add_argument("--only", help="run only the configs whose name contains this (plus the full decode)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -118,7 +123,7 @@ def main() -> None:
     print(f"glibc mmap threshold: {'dynamic (default)' if args.glibc_default else 'fixed at 128 KiB'}")
     print(f"Wan2.1 VAE layout, base_dim {args.base_dim}, {args.size}x{args.size}, {args.frames} frames, random weights")
     results = {}
-    for name in CONFIGS:
+    for name in [n for n in CONFIGS if not args.only or args.only in n or not CONFIGS[n]]:
         runs = [measure(name, args) for _ in range(args.repeats)]
         results[name] = {k: statistics.median(r[k] for r in runs) for k in ("peak_rise", "seconds", "frames")}
     full = results["full (diffusers decode)"]

@@ -64,6 +64,12 @@ def _add_fewstep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-tile-overlap", type=int, default=64, help="pixels adjacent VAE tiles blend over")
     p.add_argument("--vae-chunk-frames", type=int, default=1, help="latent frames per streamed decode chunk")
     p.add_argument("--vae-workers", type=int, default=1, help="threads decoding VAE tiles in parallel")
+    p.add_argument(
+        "--vae-order",
+        default="chunk-major",
+        choices=("chunk-major", "tile-major"),
+        help="chunk-major streams into the MP4; tile-major uses the least memory",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -131,6 +137,7 @@ MODEL_OPTIONS = (
     "vae_tile_overlap",
     "vae_chunk_frames",
     "vae_workers",
+    "vae_order",
     "memory_mode",
     "weights_dtype",
     "text_encoder_device",

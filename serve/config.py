@@ -118,6 +118,10 @@ class ServerConfig(_Frozen):
     """Latent frames per temporal decode chunk (`--vae-chunk-frames`); each chunk streams to the MP4."""
     vae_workers: int = Field(1, ge=1)
     """Threads decoding tiles in parallel (`--vae-workers`)."""
+    vae_order: Literal["chunk-major", "tile-major"] = "chunk-major"
+    """`chunk-major` streams each decoded chunk into the MP4; `tile-major` decodes one tile over all
+    frames at a time, holding one tile's causal cache (0.30x the untiled peak at 256px/128px tiles),
+    and the MP4 only starts when decoding ends (`--vae-order`)."""
     memory_mode: Literal["auto", "resident", "expert-swap", "block-offload"] = "auto"
     """Where weights live (`--memory-mode`): `auto` lets each worker's planner pick from its device's
     free memory and the largest request the limits allow; on a CPU, auto is resident."""

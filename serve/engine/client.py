@@ -57,6 +57,7 @@ def runner_options(config: ServerConfig) -> RunnerOptions:
         vae_tile_overlap=config.vae_tile_overlap,
         vae_chunk_frames=config.vae_chunk_frames,
         vae_workers=config.vae_workers,
+        vae_order=config.vae_order,
         memory_mode=config.memory_mode,
         weights_dtype=config.weights_dtype,
         text_encoder_device=config.text_encoder_device,

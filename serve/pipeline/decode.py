@@ -38,15 +38,22 @@ class DecodeStage:
     @torch.inference_mode()
     def iter_frames(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
         """Float frames in [0, 1], (B, f, H, W, 3) per temporal chunk, on the CPU, as each chunk finishes."""
-        param = next(self.vae.parameters())
-        z = latents.to(param.device, torch.float32) * self._std.to(param.device) + self._mean.to(param.device)
-        for video in self.decoder.iter_chunks(z.to(param.dtype)):  # (B, 3, f, H, W) in [-1, 1]
+        for video in self.decoder.iter_chunks(self._raw(latents)):  # (B, 3, f, H, W) in [-1, 1]
             yield (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu()
 
+    @torch.inference_mode()
     def iter_uint8(self, latents: torch.Tensor) -> Iterator[np.ndarray]:
-        """uint8 frames (B, f, H, W, 3) per chunk: `Mp4Writer.write` takes one video's slice."""
-        for frames in self.iter_frames(latents):
-            yield to_uint8(frames)
+        """uint8 frames (B, f, H, W, 3) per chunk, equal to `to_uint8` of `iter_frames`: `Mp4Writer.write`
+        takes one video's slice. Converted inside the decoder, so a tile-major decode keeps the whole
+        video as uint8 (a quarter of float32) rather than as floats."""
+        for video in self.decoder.iter_chunks(self._raw(latents), as_uint8=True):
+            yield video.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+    def _raw(self, latents: torch.Tensor) -> torch.Tensor:
+        """De-normalised latents in the VAE's dtype and device."""
+        param = next(self.vae.parameters())
+        z = latents.to(param.device, torch.float32) * self._std.to(param.device) + self._mean.to(param.device)
+        return z.to(param.dtype)
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, un
 
 from serve.vae.config import VaeDecodeConfig, chunk_bounds
 from serve.vae.parallel import WorkerPool, threads_per_worker
-from serve.vae.tiles import TileGrid, assemble, plan_tiles
+from serve.vae.tiles import BlendedCanvas, Finish, TileGrid, assemble, plan_tiles
 
 
 @dataclass
@@ -54,6 +55,7 @@ class ChunkedVaeDecoder:
         self._replicas = {d: _replica(vae, d, home) for d in dict.fromkeys(self.devices)}
         self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
         self._patch = vae.config.patch_size or 1
+        self._frames_per_latent = 2 ** sum(vae.config.temperal_downsample)
         threads = self.config.threads_per_worker or threads_per_worker(self.config.workers, self.devices)
         inline = self.config.workers == 1 and self.config.threads_per_worker is None
         self._pool = WorkerPool(self.config.workers, threads, inline)
@@ -62,8 +64,16 @@ class ChunkedVaeDecoder:
         return plan_tiles(latent_height, latent_width, self.config, self.vae.spatial_compression_ratio, self._patch)
 
     @torch.inference_mode()
-    def iter_chunks(self, z: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Yield (B, 3, f, H, W) video chunks in [-1, 1]; f is 1 for the first, 4 per latent frame after."""
+    def iter_chunks(self, z: torch.Tensor, as_uint8: bool = False) -> Iterator[torch.Tensor]:
+        """Yield (B, 3, f, H, W) video chunks in [-1, 1] (or, `as_uint8`, their `to_uint8_video`); f is 1 for
+        the first, 4 per latent frame after. In tile-major order all chunks come after the last tile, as
+        views of one video tensor."""
+        finish = _to_uint8_clamped if as_uint8 else _clamp
+        if self.config.order == "tile-major":
+            video, frames = self._decode_tile_major(z, finish)
+            for t0, t1 in itertools.pairwise([0, *itertools.accumulate(frames)]):
+                yield video[:, :, t0:t1]
+            return
         grid = self.grid(z.shape[3], z.shape[4])
         caches = [[None] * self._num_convs for _ in grid.tiles]
         for start, end in chunk_bounds(z.shape[2], self.config.chunk_latent_frames):
@@ -72,12 +82,36 @@ class ChunkedVaeDecoder:
             jobs = [_TileJob(tile.crop(chunk), cache, first_chunk=start == 0) for tile, cache in tiles]
             decoded = self._pool.map(self._run_tile, jobs)
             del jobs, chunk
-            yield self._finish(decoded, grid)
+            yield finish(self._assemble(decoded, grid))
 
     @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The whole video at once, (B, 3, F, H, W): for tests and callers that need it in memory."""
+        if self.config.order == "tile-major":
+            return self._decode_tile_major(z, _clamp)[0]
         return torch.cat(list(self.iter_chunks(z)), dim=2)
+
+    def _decode_tile_major(self, z: torch.Tensor, finish: Finish) -> tuple[torch.Tensor, list[int]]:
+        """(video, frames per chunk). Tiles go `workers` at a time over all chunks, so only their caches
+        are alive, and each piece is blended into a `BlendedCanvas` as soon as it is decoded."""
+        grid = self.grid(z.shape[3], z.shape[4])
+        bounds = chunk_bounds(z.shape[2], self.config.chunk_latent_frames)
+        # The first latent frame decodes to one frame, every later one to `frames_per_latent`.
+        frames = [1 if start == 0 else (end - start) * self._frames_per_latent for start, end in bounds]
+        canvas = BlendedCanvas(grid, sum(frames), self.vae.blend_v, self.vae.blend_h, finish)
+        for first in range(0, len(grid.tiles), self._pool.size):
+            group = range(first, min(first + self._pool.size, len(grid.tiles)))
+            caches = {index: [None] * self._num_convs for index in group}
+            for (start, end), t0 in zip(bounds, itertools.accumulate([0, *frames]), strict=False):
+                crops = [grid.tiles[index].crop(z[:, :, start:end]) for index in group]
+                jobs = [_TileJob(crop, caches[index], start == 0) for crop, index in zip(crops, group, strict=True)]
+                for index, piece in zip(group, self._pool.map(self._run_tile, jobs), strict=True):
+                    canvas.add(index, t0, piece.to(self.devices[0]))
+            del caches
+            for index in group:
+                canvas.finish_tile(index)
+        video = unpatchify(canvas.out, patch_size=self._patch) if self._patch > 1 else canvas.out
+        return video, frames
 
     def close(self) -> None:
         self._pool.close()
@@ -89,13 +123,24 @@ class ChunkedVaeDecoder:
             x = replica.post_quant_conv(job.latent.to(replica.device))
             return replica.decoder(x, feat_cache=job.cache, feat_idx=[0], first_chunk=job.first_chunk)
 
-    @torch.inference_mode()
-    def _finish(self, decoded: list[torch.Tensor], grid: TileGrid) -> torch.Tensor:
+    def _assemble(self, decoded: list[torch.Tensor], grid: TileGrid) -> torch.Tensor:
         out_device = self.devices[0]
         video = assemble([d.to(out_device) for d in decoded], grid, self.vae.blend_v, self.vae.blend_h)
-        if self._patch > 1:
-            video = unpatchify(video, patch_size=self._patch)
-        return video.clamp(-1.0, 1.0)
+        return unpatchify(video, patch_size=self._patch) if self._patch > 1 else video
+
+
+def to_uint8_video(video: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> uint8, rounded (truncation would bias every pixel down by half a level); the same ops in
+    the same order as `DecodeStage`'s float frames followed by `to_uint8`, so both give the same bytes."""
+    return ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _clamp(video: torch.Tensor) -> torch.Tensor:
+    return video.clamp(-1.0, 1.0)
+
+
+def _to_uint8_clamped(video: torch.Tensor) -> torch.Tensor:
+    return to_uint8_video(_clamp(video))
 
 
 def _replica(vae: torch.nn.Module, device: torch.device, home: torch.device) -> _Replica:

@@ -15,6 +15,7 @@ import torch
 from serve.vae.config import VaeDecodeConfig
 
 Blend = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+Finish = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -93,3 +94,64 @@ def assemble(decoded: Sequence[torch.Tensor], grid: TileGrid, blend_v: Blend, bl
             out_row.append(tile[:, :, :, : grid.stride, : grid.stride])
         out_rows.append(torch.cat(out_row, dim=-1))
     return torch.cat(out_rows, dim=3)[:, :, :, : grid.out_height, : grid.out_width]
+
+
+class BlendedCanvas:
+    """Tiles that arrive in row-major order, each as temporal pieces, blended into one (B, C, F, H, W)
+    tensor with `assemble`'s arithmetic (same `blend_v`/`blend_h`, same order).
+
+    `assemble` needs a whole row of tiles plus the row above. A tile only ever reads the bottom `blend`
+    rows of the tile above and the right `blend` columns of the tile to its left, both after their own
+    blending, so only those strips (over all frames) are kept. The blends are per frame, so blending a
+    tile piece by piece against time slices of the strips gives the same numbers. The square a tile
+    owns is final once written, so `finish` (e.g. clamping, or conversion to uint8) can be applied to it
+    then, and `out` takes finish's dtype."""
+
+    def __init__(
+        self,
+        grid: TileGrid,
+        frames: int,
+        blend_v: Blend,
+        blend_h: Blend,
+        finish: Finish,
+    ) -> None:
+        self.grid, self.frames, self.finish = grid, frames, finish
+        self.out: torch.Tensor | None = None  # allocated at the first piece (its batch, channels and dtype)
+        self._blend_v, self._blend_h = blend_v, blend_h
+        self._bottom: dict[int, torch.Tensor] = {}  # tile index -> its blended last `blend` rows, all frames
+        self._right: dict[int, torch.Tensor] = {}  # tile index -> its blended last `blend` columns, all frames
+
+    def add(self, index: int, t0: int, piece: torch.Tensor) -> None:
+        """Blend frames [t0, t0 + f) of tile `index`, a (B, C, f, h, w) piece; tiles left of and above
+        it must have added these frames already."""
+        row, col = divmod(index, self.grid.num_cols)
+        t1, extent = t0 + piece.shape[2], self.grid.blend
+        if row:
+            piece = self._blend_v(self._bottom[index - self.grid.num_cols][:, :, t0:t1], piece, extent)
+        if col:
+            piece = self._blend_h(self._right[index - 1][:, :, t0:t1], piece, extent)
+        if extent:
+            bottom, right = piece[:, :, :, -extent:, :], piece[:, :, :, :, -extent:]
+            self._strip(self._bottom, index, bottom)[:, :, t0:t1] = bottom
+            self._strip(self._right, index, right)[:, :, t0:t1] = right
+        self._write(row, col, t0, piece)
+
+    def finish_tile(self, index: int) -> None:
+        """Drop the strips only tile `index` read: a strip has one reader, the tile below or to the right."""
+        self._bottom.pop(index - self.grid.num_cols, None)
+        self._right.pop(index - 1, None)
+
+    def _strip(self, strips: dict[int, torch.Tensor], index: int, piece: torch.Tensor) -> torch.Tensor:
+        if index not in strips:
+            shape = (*piece.shape[:2], self.frames, *piece.shape[3:])
+            strips[index] = torch.empty(shape, dtype=piece.dtype, device=piece.device)
+        return strips[index]
+
+    def _write(self, row: int, col: int, t0: int, piece: torch.Tensor) -> None:
+        """Only the tile's [0, stride) square is its own (the rest was blended into later tiles), as in `assemble`."""
+        y0, x0, s = row * self.grid.stride, col * self.grid.stride, self.grid.stride
+        own = self.finish(piece[:, :, :, : min(s, self.grid.out_height - y0), : min(s, self.grid.out_width - x0)])
+        if self.out is None:
+            shape = (*own.shape[:2], self.frames, self.grid.out_height, self.grid.out_width)
+            self.out = torch.empty(shape, dtype=own.dtype, device=own.device)
+        self.out[:, :, t0 : t0 + own.shape[2], y0 : y0 + own.shape[3], x0 : x0 + own.shape[4]] = own

@@ -58,6 +58,8 @@ class RunnerOptions:
     """Latent frames per temporal decode chunk."""
     vae_workers: int = 1
     """Threads (or devices) that decode tiles in parallel."""
+    vae_order: str = "chunk-major"
+    """chunk-major streams chunks into the MP4; tile-major holds one tile's cache at a time (least memory)."""
     memory_mode: str = "auto"
     """auto (the planner picks for this worker's device), resident, expert-swap or block-offload."""
     weights_dtype: str = "bf16"
@@ -135,6 +137,7 @@ def load_model_runner(model_dir: str, device: str, dtype: str, options: RunnerOp
             tile_sample_overlap=options.vae_tile_overlap,
             chunk_latent_frames=options.vae_chunk_frames,
             workers=options.vae_workers,
+            order=options.vae_order,
         ),
     )
 

@@ -42,8 +42,8 @@ def test_first_mp4_bytes_exist_before_decoding_ends(tiny_vae):
     sizes_before_chunk = []
     iter_chunks = stage.decoder.iter_chunks
 
-    def recording(z):
-        for chunk in iter_chunks(z):
+    def recording(z, **kwargs):
+        for chunk in iter_chunks(z, **kwargs):
             yield chunk
             sizes_before_chunk.append(sink.size())  # resumed: the next chunk's decode starts now
 
