@@ -23,10 +23,17 @@ class TextEncodeStage:
 
     @torch.inference_mode()
     def __call__(self, prompts: list[str]) -> torch.Tensor:
-        """(len(prompts), max_length, text_dim) embeddings on the text encoder's device."""
+        """(len(prompts), max_length, text_dim) embeddings on the text encoder's device.
+
+        The encoder runs only over the longest prompt's tokens, not all 512: padded positions are
+        masked out of its attention, so the real tokens' outputs do not depend on them, and the
+        result is zero past each prompt's length anyway. diffusers encodes all 512 positions; for
+        a typical 20-token prompt that is 25x the work for the same embeddings (the oracle test
+        compares the final frames).
+        """
         tokens = self.tokenizer(
             [clean_prompt(p) for p in prompts],
-            padding="max_length",
+            padding="longest",
             max_length=self.max_length,
             truncation=True,
             add_special_tokens=True,
@@ -38,4 +45,5 @@ class TextEncodeStage:
         hidden = self.text_encoder(tokens.input_ids.to(device), mask).last_hidden_state
         # Zero the positions past each prompt's length: the transformer's cross-attention has no
         # mask, so the padding must carry no signal (this is what the reference pipeline does).
-        return hidden * mask.unsqueeze(-1).to(hidden.dtype)
+        hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
+        return torch.nn.functional.pad(hidden, (0, 0, 0, self.max_length - hidden.shape[1]))
