@@ -140,7 +140,12 @@ def choose(stats: ModelStats, budget: Budget, size, wdtype: str, k: int, mode: s
 
 def budget_from_args(args, measure: bool = True, device: str = "cuda:0") -> Budget:
     """`--vram`/`--ram` when given, else measured (`torch.cuda.mem_get_info`, psutil) when `measure`."""
-    return Budget(_device_budget(args.vram, measure, device), _host_budget(args.ram, measure))
+    return measure_budget(args.vram, args.ram, measure, device)
+
+
+def measure_budget(vram: str | None, ram: str | None, measure: bool = True, device: str = "cuda:0") -> Budget:
+    """The budget from `--vram`/`--ram` text when given, else measured on `device` and the host."""
+    return Budget(_device_budget(vram, measure, device), _host_budget(ram, measure))
 
 
 def _device_budget(text: str | None, measure: bool, device: str) -> int:

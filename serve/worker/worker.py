@@ -152,7 +152,7 @@ def plan_residency(model_dir: str, device: str, options: RunnerOptions) -> Any:
     None keeps everything resident, which is what `auto` means on a CPU: there is no separate
     device memory to save."""
     from models.inspect import model_stats
-    from serve.loader.planner import Budget, _device_budget, _host_budget, choose
+    from serve.loader.planner import choose, measure_budget
     from serve.loader.residency import ResidencyConfig
 
     if options.memory_mode == "resident" or (options.memory_mode == "auto" and device == "cpu"):
@@ -160,7 +160,7 @@ def plan_residency(model_dir: str, device: str, options: RunnerOptions) -> Any:
     if options.memory_mode != "auto":
         text = "device" if options.text_encoder_device == "auto" else options.text_encoder_device
         return ResidencyConfig(options.memory_mode, options.prefetch_blocks, text)
-    budget = Budget(_device_budget(options.vram, True, device), _host_budget(options.ram, True))
+    budget = measure_budget(options.vram, options.ram, device=device)
     plan = choose(
         model_stats(model_dir),
         budget,

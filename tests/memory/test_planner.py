@@ -43,3 +43,16 @@ def test_choose_honours_flags_and_explains_failure(a14b) -> None:
     assert (chosen.mode, chosen.text_encoder) == ("block-offload", "cpu")
     with pytest.raises(ValueError, match="no memory mode fits.*--max-height"):
         choose(a14b, Budget(8 * GB, 64 * GB), SIZE, "bf16", 1, "auto", "auto")
+
+
+def test_each_worker_plans_for_its_own_device(tiny_model_dir):
+    from serve.worker.worker import RunnerOptions, plan_residency
+
+    small = dict(largest_request=(64, 64, 9), ram="64GiB")
+    assert plan_residency(str(tiny_model_dir), "cpu", RunnerOptions(**small)) is None  # CPU: auto is resident
+    roomy = plan_residency(str(tiny_model_dir), "cuda:0", RunnerOptions(vram="80GiB", **small))
+    assert roomy.mode == "resident"
+    forced = plan_residency(str(tiny_model_dir), "cpu", RunnerOptions(memory_mode="block-offload", prefetch_blocks=2))
+    assert (forced.mode, forced.prefetch_blocks, forced.text_encoder) == ("block-offload", 2, "device")
+    with pytest.raises(ValueError, match="no memory mode fits"):
+        plan_residency(str(tiny_model_dir), "cuda:0", RunnerOptions(vram="1MiB", **small))
