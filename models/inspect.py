@@ -116,21 +116,18 @@ def _held_bytes(info, kind: str, keep: frozenset[str], wdtype: str, quantizable:
 
 
 def model_stats(model_dir: str | Path) -> ModelStats:
-    root = Path(model_dir)
-    index = json.loads((root / "model_index.json").read_text())
-    names = [n for n in ("transformer", "transformer_2") if (index.get(n) or [None])[0] is not None]
-    experts = [component_stats(root / n, "expert") for n in names]
-    vae = component_stats(root / "vae", "vae")
-    temporal = int(vae.config.get("scale_factor_temporal") or 2 ** sum(vae.config.get("temperal_downsample", [])))
-    spatial = int(vae.config.get("scale_factor_spatial") or 2 ** len(vae.config.get("temperal_downsample", [])))
+    from models.wan.spec import read_spec
+
+    spec = read_spec(model_dir)  # experts, VAE strides and patch size, read as the engine reads them
+    root = spec.model_dir
     return ModelStats(
         str(root),
-        experts,
+        [component_stats(root / n, "expert") for n in spec.expert_names],
         component_stats(root / "text_encoder", "text_encoder"),
-        vae,
-        spatial,
-        temporal,
-        tuple(experts[0].config.get("patch_size", (1, 2, 2))),
+        component_stats(root / "vae", "vae"),
+        spec.vae_scale_spatial,
+        spec.vae_scale_temporal,
+        spec.patch_size,
     )
 
 

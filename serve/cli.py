@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import secrets
 import sys
 from pathlib import Path
 
@@ -175,45 +174,33 @@ def resolve_dtype(name: str | None, device: str):
 
 
 def _params_from_args(args, spec):
+    """The CLI's request, with model defaults filled and sizes rounded exactly as the API does."""
+    from serve.api.params import fill_defaults, round_to_model
+    from serve.api.schemas import GenerateRequest
     from serve.engine.request import GenerationParams
 
-    d = spec.defaults
-
-    def pick(value, key):
-        return d[key] if value is None else value
-
-    multiple = spec.spatial_multiple
-    height, width = pick(args.height, "height"), pick(args.width, "width")
-    frames = pick(args.num_frames, "num_frames")
-    rounded = (
-        max(multiple, height // multiple * multiple),
-        max(multiple, width // multiple * multiple),
-        (max(frames, 1) - 1) // spec.vae_scale_temporal * spec.vae_scale_temporal + 1,
-    )
-    if rounded != (height, width, frames):
-        print(
-            f"note: size rounded to {rounded[1]}x{rounded[0]}, {rounded[2]} frames "
-            f"(multiples of {multiple}, frames of the form 4k+1)",
-            file=sys.stderr,
-        )
-    guidance = pick(args.guidance_scale, "guidance_scale")
-    return GenerationParams(
+    fields = {
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.num_frames,
+        "fps": args.fps,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "guidance_scale_2": args.guidance_scale_2,
+        "seed": args.seed,
+    }
+    body = GenerateRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
-        height=rounded[0],
-        width=rounded[1],
-        num_frames=rounded[2],
-        fps=pick(args.fps, "fps"),
-        num_inference_steps=pick(args.steps, "num_inference_steps"),
-        guidance_scale=guidance,
-        guidance_scale_2=args.guidance_scale_2
-        if args.guidance_scale_2 is not None
-        else d.get("guidance_scale_2", guidance),
-        seed=secrets.randbelow(2**31) if args.seed is None else args.seed,
         sampler=args.sampler,
         lossless=args.lossless,
         preset=args.preset,
+        **{k: v for k, v in fields.items() if v is not None},
     )
+    values = fill_defaults(body, spec)
+    for change in round_to_model(values, spec):
+        print(f"note: {change} (multiples of {spec.spatial_multiple}, frames of the form 4k+1)", file=sys.stderr)
+    return GenerationParams(**values)
 
 
 class UserFacingError(Exception):
