@@ -13,6 +13,7 @@ import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
+from serve.engine.cost_model import CostModel
 from serve.engine.executor import Executor, UnitOutcome
 from serve.engine.metrics import EngineMetrics
 from serve.engine.request import GenerationParams, Request, RequestStatus
@@ -91,8 +92,6 @@ class EngineCore:
         self.ready.set()
 
     def _calibrate(self) -> None:
-        from serve.engine.cost_model import CostModel
-
         samples = [s for w in self.executor.workers for s in w.info.get("cost_samples", [])]
         self.scheduler.cost = CostModel.fit([tuple(s) for s in samples])
         log.info("cost model from %d warmup samples: %s", len(samples), self.scheduler.cost)
@@ -260,13 +259,9 @@ class EngineCore:
 
     def _fail_all(self, reason: str, unavailable: bool = False) -> None:
         with self._lock:
-            requests = list(self.scheduler.requests.values())
-            self.scheduler.requests.clear()
-            self.scheduler.waiting.clear()
-            self.scheduler.in_flight.clear()
+            requests = self.scheduler.drain(reason)
             futures = [self._futures.pop(r.request_id, None) for r in requests]
         for r, future in zip(requests, futures, strict=True):
-            r.status, r.error = RequestStatus.FAILED, reason
             error = EngineUnavailable(reason) if unavailable else GenerationFailed(r.request_id, reason)
             _settle(future, error=error)
 

@@ -262,6 +262,13 @@ class Scheduler:
         else:
             r.status = RequestStatus.FINISHED
 
+    def drain(self, reason: str) -> list[Request]:
+        """Fail and forget every request (the engine is stopping, or its loop hit a bug)."""
+        requests = list(self.requests.values())
+        self.waiting.clear()
+        self.in_flight.clear()
+        return [self._finish(r, RequestStatus.FAILED, reason) for r in requests]
+
     def _worker_died(self, event: WorkerDied) -> list[Request]:
         self.in_flight.pop(event.worker, None)
         self.loaded_expert[event.worker] = None
