@@ -1,0 +1,526 @@
+"""Train the demo model on CPU: a Wan2.2 T2V-A14B-shaped checkpoint that really follows prompts.
+
+    python -m models.demo.train --out models/demo/checkpoint            # the committed model (~1 h, 2 cores)
+    python -m models.demo.train --out /tmp/demo --smoke                 # a few steps of every stage
+
+Stages, each writing into `--work` so a long run can be resumed stage by stage (`--stages`):
+
+1. `vae`: an `AutoencoderKLWan` (8x spatial, 4x temporal, z_dim 16) trained as a deterministic
+   autoencoder on 9-frame clips with the object's pixels weighted `object_weight` times: a plain
+   MSE is dominated by the dark background and greys the object's colour out.
+2. `latents`: encodes a fixed set of 17-frame training clips and measures per-channel latent mean
+   and std, which go into the VAE config (`latents_mean`/`latents_std`) exactly as Wan's do.
+3. `decoder`: the decoder alone trained further with the encoder frozen (the latents stay valid);
+   prints how well colour and direction survive a round trip through the VAE.
+4. `base`: one `WanTransformer3DModel` trained with the flow-matching objective over all noise
+   levels (captions dropped to the empty prompt `prompt_dropout` of the time, for CFG).
+5. `experts`: the base copied into the high-noise expert (`transformer`, sigma >= boundary) and the
+   low-noise expert (`transformer_2`, sigma < boundary), each fine-tuned on its own range only.
+6. `export`: everything saved in fp16 in the diffusers layout (sharded experts with their index,
+   `model_index.json`, UniPC scheduler, word-level tokenizer, frozen random UMT5 encoder).
+
+Determinism: every random draw comes from a seeded generator, step counts are fixed (never a time
+budget), and torch runs with a fixed thread count; a rerun on the same machine gives the same
+weights (see the README for how close).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from models.demo.data import HEIGHT, NUM_FRAMES, WIDTH, all_combos, render_clip, sample_batch, train_combos
+
+BOUNDARY_RATIO = 0.875
+FLOW_SHIFT = 3.0
+MAX_SEQUENCE_LENGTH = 512  # what WanPipeline pads prompts to; training must see the same padding
+THREADS = 2
+
+# What the demo checkpoint serves by default (reelserve_defaults.json).
+DEMO_DEFAULTS = {
+    "height": HEIGHT,
+    "width": WIDTH,
+    "num_frames": NUM_FRAMES,
+    "num_inference_steps": 20,
+    "guidance_scale": 4.0,
+    "guidance_scale_2": 3.0,
+    "fps": 8,
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    # VAE
+    vae_steps: int = 2000
+    vae_batch: int = 4
+    vae_frames: int = 9  # 1 + 2*4: the first causal chunk and a steady-state chunk
+    vae_lr: float = 1e-3
+    object_weight: float = 20.0
+    decoder_steps: int = 600  # decoder-only fine-tune after the latents are fixed
+    decoder_lr: float = 3e-4
+    # latents
+    clips_per_combo: int = 32
+    encode_batch: int = 8
+    # transformer
+    base_steps: int = 3000
+    expert_steps: int = 1000
+    tf_batch: int = 32
+    tf_lr: float = 1e-3
+    expert_lr: float = 3e-4
+    prompt_dropout: float = 0.1
+    # model shapes
+    vae_base_dim: int = 16
+    tf_heads: int = 4
+    tf_head_dim: int = 32
+    tf_ffn: int = 512
+    tf_layers: int = 4
+    text_dim: int = 32
+    text_layers: int = 2
+    log_every: int = 100
+
+
+SMOKE = TrainConfig(
+    vae_steps=2,
+    vae_batch=2,
+    vae_frames=5,
+    decoder_steps=2,
+    clips_per_combo=1,
+    encode_batch=8,
+    base_steps=3,
+    expert_steps=2,
+    tf_batch=4,
+    log_every=1,
+)
+
+STAGES = ("vae", "latents", "decoder", "base", "experts", "export")
+
+
+# ---------------------------------------------------------------- tokenizer and text encoder
+
+
+def vocabulary() -> list[str]:
+    """Every word of every caption, after the three specials T5 places first."""
+    words: list[str] = ["a", "moving"]
+    for combo in all_combos():
+        for word in (combo.colour, combo.shape, combo.direction):
+            if word not in words:
+                words.append(word)
+    return ["<pad>", "</s>", "<unk>", *words]
+
+
+def build_tokenizer():
+    """A word-level fast tokenizer: lowercase, split on whitespace and punctuation, `</s>` appended
+    (as T5 does), unknown words become `<unk>`."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
+def build_text_encoder(cfg: TrainConfig):
+    """A tiny UMT5 encoder with seeded random weights, frozen; rounded to fp16 at once so the
+    embeddings used in training are exactly those the exported fp16 checkpoint produces."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=len(vocabulary()),
+        d_model=cfg.text_dim,
+        d_kv=8,
+        d_ff=cfg.text_dim * 2,
+        num_layers=cfg.text_layers,
+        num_heads=cfg.text_dim // 8,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(cfg.seed + 1)
+    encoder = UMT5EncoderModel(config).eval().requires_grad_(False)
+    _round_to_fp16(encoder)
+    return encoder
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Prompt embeddings exactly as `WanPipeline._get_t5_prompt_embeds` makes them: each prompt's
+    hidden states cut to its own length, then zero-padded to 512 positions."""
+    inputs = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=MAX_SEQUENCE_LENGTH,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        hidden = text_encoder(inputs.input_ids, inputs.attention_mask).last_hidden_state.float()
+    out = torch.zeros(len(prompts), MAX_SEQUENCE_LENGTH, hidden.shape[-1])
+    for i, length in enumerate(inputs.attention_mask.sum(dim=1).tolist()):
+        out[i, :length] = hidden[i, :length]
+    return out
+
+
+# ---------------------------------------------------------------- models
+
+
+def build_vae(cfg: TrainConfig):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(cfg.seed + 2)
+    return AutoencoderKLWan(
+        base_dim=cfg.vae_base_dim,
+        z_dim=16,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+
+
+def build_transformer(cfg: TrainConfig):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(cfg.seed + 3)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=cfg.tf_heads,
+        attention_head_dim=cfg.tf_head_dim,
+        in_channels=16,
+        out_channels=16,
+        text_dim=cfg.text_dim,
+        freq_dim=256,
+        ffn_dim=cfg.tf_ffn,
+        num_layers=cfg.tf_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=1024,
+    )
+
+
+def _round_to_fp16(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.half().float())
+
+
+def _cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _train_loop(
+    name: str,
+    params: list[torch.nn.Parameter],
+    steps: int,
+    lr: float,
+    loss_fn: Callable[[int], torch.Tensor],
+    log_every: int,
+) -> list[float]:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses: list[float] = []
+    started = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(step, steps, lr, warmup=min(100, max(1, steps // 10)))
+        loss = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            recent = losses[-log_every:]
+            print(
+                f"[{name}] step {step + 1}/{steps} loss {sum(recent) / len(recent):.5f} "
+                f"({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
+    return losses
+
+
+# ---------------------------------------------------------------- stages
+
+
+def object_weighted_mse(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, weight: float) -> torch.Tensor:
+    """MSE with the object's pixels weighted `1 + weight`: (B, 3, T, H, W) and mask (B, T, H, W)."""
+    w = (1.0 + weight * mask).unsqueeze(1)
+    return ((recon - target) ** 2 * w).sum() / (w.sum() * recon.shape[1])
+
+
+def train_vae(cfg: TrainConfig, work: Path) -> None:
+    vae = build_vae(cfg).train()
+    gen = torch.Generator().manual_seed(cfg.seed + 10)
+    combos = all_combos()  # the VAE sees every combination: holding out is about the prompt
+
+    def loss_fn(step: int) -> torch.Tensor:
+        pixels, masks, _ = sample_batch(combos, cfg.vae_batch, gen, cfg.vae_frames)
+        recon = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+        return object_weighted_mse(recon, pixels, masks, cfg.object_weight)
+
+    _train_loop("vae", list(vae.parameters()), cfg.vae_steps, cfg.vae_lr, loss_fn, cfg.log_every)
+    _round_to_fp16(vae)
+    vae.eval().save_pretrained(work / "vae", safe_serialization=True)
+
+
+def finetune_decoder(cfg: TrainConfig, work: Path) -> None:
+    """More training for the decoder alone, the encoder frozen: the latents the transformer learns
+    from stay exactly valid, and the cheaper step (no encoder backward) buys sharper objects."""
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(work / "vae")
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    vae.train()
+    gen = torch.Generator().manual_seed(cfg.seed + 15)
+    combos = all_combos()
+
+    def loss_fn(step: int) -> torch.Tensor:
+        pixels, masks, _ = sample_batch(combos, cfg.vae_batch, gen, cfg.vae_frames)
+        with torch.no_grad():
+            z = vae.encode(pixels).latent_dist.mode()
+        return object_weighted_mse(vae.decode(z).sample, pixels, masks, cfg.object_weight)
+
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    _train_loop("decoder", params, cfg.decoder_steps, cfg.decoder_lr, loss_fn, cfg.log_every)
+    _round_to_fp16(vae)
+    vae.eval()
+    report_vae_roundtrip(vae, cfg)
+    vae.save_pretrained(work / "vae_decoder", safe_serialization=True)
+
+
+def encode_latents(cfg: TrainConfig, work: Path) -> None:
+    """Latents of `clips_per_combo` clips of every trained combination, and their channel stats."""
+    from diffusers import AutoencoderKLWan
+    from safetensors.torch import save_file
+
+    vae = AutoencoderKLWan.from_pretrained(work / "vae").eval()
+    gen = torch.Generator().manual_seed(cfg.seed + 20)
+    combos = [c for c in train_combos() for _ in range(cfg.clips_per_combo)]
+    latents, labels = [], []
+    with torch.no_grad():
+        for start in range(0, len(combos), cfg.encode_batch):
+            chunk = combos[start : start + cfg.encode_batch]
+            pixels = torch.stack([render_clip(c, gen)[0] for c in chunk])
+            latents.append(vae.encode(pixels).latent_dist.mode())
+            labels += [train_combos().index(c) for c in chunk]
+    z = torch.cat(latents)
+    report_vae_roundtrip(vae, cfg)
+    mean = z.mean(dim=(0, 2, 3, 4))
+    std = z.std(dim=(0, 2, 3, 4))
+    save_file(
+        {"latents": z.contiguous(), "labels": torch.tensor(labels), "mean": mean, "std": std},
+        str(work / "latents.safetensors"),
+    )
+    print(f"[latents] {tuple(z.shape)} mean {mean.abs().mean():.3f} std {std.mean():.3f}", flush=True)
+
+
+def report_vae_roundtrip(vae, cfg: TrainConfig) -> None:
+    """How much of the task survives the VAE alone: the harness's colour and direction detectors
+    on encode-decode round trips of one 17-frame clip per combination, and the object's PSNR."""
+    from models.demo.quality import Score
+
+    gen = torch.Generator().manual_seed(cfg.seed + 21)
+    score, object_psnr = Score(), []
+    with torch.no_grad():
+        for combo in all_combos():
+            pixels, mask = render_clip(combo, gen)
+            recon = vae.decode(vae.encode(pixels[None]).latent_dist.mode()).sample[0].clamp(-1, 1)
+            frames = ((recon.permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+            score.add(combo, frames, 0.0)
+            inside = mask > 0.5
+            mse = ((recon - pixels) / 2).pow(2)[:, inside].mean()
+            object_psnr.append(float(-10 * torch.log10(mse)))
+    print(
+        f"[latents] VAE round trip over {score.videos} clips: colour {score.colour_accuracy:.0%}, "
+        f"direction {score.direction_accuracy:.0%}, object PSNR {sum(object_psnr) / len(object_psnr):.1f} dB",
+        flush=True,
+    )
+
+
+def _load_latents(work: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(work / "latents.safetensors"))
+
+
+def _caption_embeddings(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of every trained caption (in `train_combos()` order) and of the empty prompt."""
+    tokenizer, encoder = build_tokenizer(), build_text_encoder(cfg)
+    captions = [c.caption for c in train_combos()]
+    return encode_prompts(tokenizer, encoder, captions), encode_prompts(tokenizer, encoder, [""])[0]
+
+
+def shifted_sigma(u: torch.Tensor, shift: float = FLOW_SHIFT) -> torch.Tensor:
+    """The sigma a uniform `u` maps to under Wan's flow shift: where the sampler spends its steps."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def _unshift(sigma: float, shift: float = FLOW_SHIFT) -> float:
+    return sigma / (shift - (shift - 1) * sigma)
+
+
+def flow_matching_loss(
+    model,
+    x0: torch.Tensor,
+    text: torch.Tensor,
+    gen: torch.Generator,
+    sigma_range: tuple[float, float],
+) -> torch.Tensor:
+    """Rectified-flow loss as Wan is trained: x_t = (1 - s) x0 + s noise, target noise - x0,
+    timestep 1000 s, with s drawn from the shifted distribution restricted to `sigma_range`."""
+    lo, hi = _unshift(sigma_range[0]), _unshift(sigma_range[1])
+    u = lo + (hi - lo) * torch.rand(x0.shape[0], generator=gen)
+    sigma = shifted_sigma(u).view(-1, 1, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=gen)
+    x_t = (1 - sigma) * x0 + sigma * noise
+    pred = model(hidden_states=x_t, timestep=sigma.flatten() * 1000, encoder_hidden_states=text, return_dict=False)[0]
+    return F.mse_loss(pred, noise - x0)
+
+
+def _transformer_batches(
+    cfg: TrainConfig, work: Path, gen: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (normalised latents, prompt embeddings) batches; captions dropped to the empty
+    prompt with probability `prompt_dropout`, which is what CFG's unconditional branch sees."""
+    data = _load_latents(work)
+    x0_all = (data["latents"] - data["mean"].view(1, -1, 1, 1, 1)) / data["std"].view(1, -1, 1, 1, 1)
+    labels = data["labels"]
+    captions, empty = _caption_embeddings(cfg)
+    while True:
+        idx = torch.randint(x0_all.shape[0], (cfg.tf_batch,), generator=gen)
+        text = captions[labels[idx]].clone()
+        dropped = torch.rand(cfg.tf_batch, generator=gen) < cfg.prompt_dropout
+        text[dropped] = empty
+        yield x0_all[idx], text
+
+
+def train_transformer(
+    cfg: TrainConfig,
+    work: Path,
+    model,
+    steps: int,
+    lr: float,
+    sigma_range: tuple[float, float],
+    seed_offset: int,
+    name: str,
+) -> None:
+    gen = torch.Generator().manual_seed(cfg.seed + seed_offset)
+    batches = _transformer_batches(cfg, work, gen)
+    model.train()
+
+    def loss_fn(step: int) -> torch.Tensor:
+        x0, text = next(batches)
+        return flow_matching_loss(model, x0, text, gen, sigma_range)
+
+    _train_loop(name, list(model.parameters()), steps, lr, loss_fn, cfg.log_every)
+    model.eval()
+
+
+def train_base(cfg: TrainConfig, work: Path) -> None:
+    model = build_transformer(cfg)
+    train_transformer(cfg, work, model, cfg.base_steps, cfg.tf_lr, (0.0, 1.0), 30, "base")
+    model.save_pretrained(work / "base", safe_serialization=True)
+
+
+def train_experts(cfg: TrainConfig, work: Path) -> None:
+    from diffusers import WanTransformer3DModel
+
+    ranges = {"transformer": (BOUNDARY_RATIO, 1.0), "transformer_2": (0.0, BOUNDARY_RATIO)}
+    for offset, (name, sigma_range) in enumerate(ranges.items()):
+        model = WanTransformer3DModel.from_pretrained(work / "base")
+        train_transformer(cfg, work, model, cfg.expert_steps, cfg.expert_lr, sigma_range, 40 + offset, name)
+        _round_to_fp16(model)
+        model.save_pretrained(work / name, safe_serialization=True)
+
+
+def export(cfg: TrainConfig, work: Path, out: Path) -> None:
+    """Write the checkpoint in fp16, in the layout `WanPipeline.save_pretrained` produces."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    data = _load_latents(work)
+    vae = AutoencoderKLWan.from_pretrained(work / "vae_decoder")
+    vae.register_to_config(latents_mean=data["mean"].tolist(), latents_std=data["std"].tolist())
+    experts = {name: WanTransformer3DModel.from_pretrained(work / name) for name in ("transformer", "transformer_2")}
+    tokenizer, text_encoder = build_tokenizer(), build_text_encoder(cfg)
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=FLOW_SHIFT
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    text_encoder.half().save_pretrained(out / "text_encoder", safe_serialization=True)
+    tokenizer.save_pretrained(out / "tokenizer")
+    vae.half().save_pretrained(out / "vae", safe_serialization=True)
+    scheduler.save_pretrained(out / "scheduler")
+    for name, module in experts.items():
+        # Small shards, so the demo exercises the sharded index path like a real checkpoint.
+        module.half().save_pretrained(out / name, safe_serialization=True, max_shard_size="1MB")
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=experts["transformer"],
+        transformer_2=experts["transformer_2"],
+        boundary_ratio=BOUNDARY_RATIO,
+    )
+    pipe.save_config(out)
+    (out / "reelserve_defaults.json").write_text(json.dumps(DEMO_DEFAULTS, indent=2, sort_keys=True) + "\n")
+    (out / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
+
+
+def run(cfg: TrainConfig, out: Path, work: Path, stages: tuple[str, ...] = STAGES) -> Path:
+    torch.set_num_threads(THREADS)
+    work.mkdir(parents=True, exist_ok=True)
+    steps = {
+        "vae": lambda: train_vae(cfg, work),
+        "latents": lambda: encode_latents(cfg, work),
+        "decoder": lambda: finetune_decoder(cfg, work),
+        "base": lambda: train_base(cfg, work),
+        "experts": lambda: train_experts(cfg, work),
+        "export": lambda: export(cfg, work, out),
+    }
+    for stage in stages:
+        started = time.perf_counter()
+        steps[stage]()
+        print(f"[{stage}] done in {time.perf_counter() - started:.0f} s", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m models.demo.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    parser.add_argument("--work", type=Path, help="intermediate files (default: OUT.work)")
+    parser.add_argument("--smoke", action="store_true", help="a few steps of every stage, to check it runs")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    args = parser.parse_args(argv)
+    stages = tuple(s for s in args.stages.split(",") if s)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        parser.error(f"--stages: unknown {unknown}; choose from {','.join(STAGES)}")
+    cfg = SMOKE if args.smoke else TrainConfig()
+    run(cfg, args.out, args.work or args.out.with_name(args.out.name + ".work"), stages)
+
+
+if __name__ == "__main__":
+    main()
