@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from models.wan.spec import DEFAULTS_FILE
+
 BOUNDARY_RATIO = 0.875
 FLOW_SHIFT = 3.0
 
@@ -126,20 +128,56 @@ def build_tokenizer():
 
 
 def transformer_config(size: TinySize) -> dict:
+    return wan_transformer_config(size.num_heads, size.head_dim, size.ffn_dim, size.num_layers, size.text_dim)
+
+
+def wan_transformer_config(num_heads: int, head_dim: int, ffn_dim: int, num_layers: int, text_dim: int) -> dict:
+    """`WanTransformer3DModel` arguments of a small model with the real one's structure (patch
+    1x2x2, 16 latent channels, RMS qk-norm across heads, cross-attention norm)."""
     return dict(
         patch_size=(1, 2, 2),
-        num_attention_heads=size.num_heads,
-        attention_head_dim=size.head_dim,
+        num_attention_heads=num_heads,
+        attention_head_dim=head_dim,
         in_channels=16,
         out_channels=16,
-        text_dim=size.text_dim,
+        text_dim=text_dim,
         freq_dim=256,
-        ffn_dim=size.ffn_dim,
-        num_layers=size.num_layers,
+        ffn_dim=ffn_dim,
+        num_layers=num_layers,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         eps=1e-6,
         rope_max_seq_len=1024,
+    )
+
+
+def umt5_config(vocab_size: int, d_model: int, num_layers: int):
+    """A small `UMT5Config` (8-wide heads, gated GELU, no dropout, T5's special ids)."""
+    from transformers import UMT5Config
+
+    return UMT5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=d_model * 2,
+        num_layers=num_layers,
+        num_heads=d_model // 8,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
+def flow_unipc_scheduler():
+    """UniPC on shifted flow sigmas: the scheduler the Wan2.2 repos ship."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=FLOW_SHIFT
     )
 
 
@@ -159,25 +197,11 @@ def _perturb_zero_init(module: torch.nn.Module, seed: int) -> None:
 
 
 def build_components(size: TinySize, seed: int, two_experts: bool):
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
 
     tokenizer = build_tokenizer()
-    text_config = UMT5Config(
-        vocab_size=len(tokenizer_vocab()),
-        d_model=size.text_dim,
-        d_kv=8,
-        d_ff=size.text_dim * 2,
-        num_layers=size.text_layers,
-        num_heads=size.text_dim // 8,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
+    text_config = umt5_config(len(tokenizer_vocab()), size.text_dim, size.text_layers)
     text_encoder = _seeded(seed, lambda: UMT5EncoderModel(text_config))
     vae = _seeded(
         seed + 1,
@@ -195,16 +219,11 @@ def build_components(size: TinySize, seed: int, two_experts: bool):
         experts["transformer_2"] = _seeded(seed + 3, lambda: WanTransformer3DModel(**tcfg))
     for offset, module in enumerate(experts.values()):
         _perturb_zero_init(module, seed + 10 + offset)
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=FLOW_SHIFT
-    )
-    return tokenizer, text_encoder, vae, experts, scheduler
+    return tokenizer, text_encoder, vae, experts, flow_unipc_scheduler()
 
 
 def write_tiny_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0, two_experts: bool = True) -> Path:
     """Write a checkpoint to `out_dir` and return it. `two_experts=False` gives the Wan2.1 layout."""
-    from diffusers import WanPipeline
-
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
     spec = SIZES[size]
@@ -212,13 +231,41 @@ def write_tiny_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, text_encoder, vae, experts, scheduler = build_components(spec, seed, two_experts)
 
+    save_wan_checkpoint(
+        out,
+        tokenizer,
+        text_encoder,
+        vae,
+        scheduler,
+        experts,
+        shard_size=spec.shard_bytes,
+        boundary_ratio=BOUNDARY_RATIO if two_experts else None,
+        defaults=TINY_DEFAULTS,
+    )
+    return out
+
+
+def save_wan_checkpoint(
+    out: Path,
+    tokenizer,
+    text_encoder,
+    vae,
+    scheduler,
+    experts: dict,
+    shard_size: int | str,
+    boundary_ratio: float | None,
+    defaults: dict,
+) -> None:
+    """Write the components in the layout `WanPipeline.save_pretrained` produces (experts sharded
+    at `shard_size`, so the index path is always exercised), plus `reelserve_defaults.json`."""
+    from diffusers import WanPipeline
+
     text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
     tokenizer.save_pretrained(out / "tokenizer")
     vae.save_pretrained(out / "vae", safe_serialization=True)
     scheduler.save_pretrained(out / "scheduler")
     for name, module in experts.items():
-        module.save_pretrained(out / name, safe_serialization=True, max_shard_size=spec.shard_bytes)
-
+        module.save_pretrained(out / name, safe_serialization=True, max_shard_size=shard_size)
     pipe = WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
@@ -226,11 +273,10 @@ def write_tiny_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0
         scheduler=scheduler,
         transformer=experts["transformer"],
         transformer_2=experts.get("transformer_2"),
-        boundary_ratio=BOUNDARY_RATIO if two_experts else None,
+        boundary_ratio=boundary_ratio,
     )
     pipe.save_config(out)  # model_index.json, exactly as save_pretrained writes it
-    (out / "reelserve_defaults.json").write_text(json.dumps(TINY_DEFAULTS, indent=2, sort_keys=True) + "\n")
-    return out
+    (out / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2, sort_keys=True) + "\n")
 
 
 @contextmanager

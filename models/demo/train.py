@@ -39,9 +39,15 @@ import torch
 import torch.nn.functional as F
 
 from models.demo.data import HEIGHT, NUM_FRAMES, WIDTH, all_combos, render_clip, sample_batch, train_combos
+from models.tiny import (
+    BOUNDARY_RATIO,  # the A14B T2V split: t >= 875 goes to the high-noise expert
+    FLOW_SHIFT,  # the scheduler's shift: training draws sigmas where sampling spends its steps
+    flow_unipc_scheduler,
+    save_wan_checkpoint,
+    umt5_config,
+    wan_transformer_config,
+)
 
-BOUNDARY_RATIO = 0.875
-FLOW_SHIFT = 3.0
 MAX_SEQUENCE_LENGTH = 512  # what WanPipeline pads prompts to; training must see the same padding
 THREADS = 2
 
@@ -135,23 +141,9 @@ def build_tokenizer():
 def build_text_encoder(cfg: TrainConfig):
     """A tiny UMT5 encoder with seeded random weights, frozen; rounded to fp16 at once so the
     embeddings used in training are exactly those the exported fp16 checkpoint produces."""
-    from transformers import UMT5Config, UMT5EncoderModel
+    from transformers import UMT5EncoderModel
 
-    config = UMT5Config(
-        vocab_size=len(vocabulary()),
-        d_model=cfg.text_dim,
-        d_kv=8,
-        d_ff=cfg.text_dim * 2,
-        num_layers=cfg.text_layers,
-        num_heads=cfg.text_dim // 8,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
+    config = umt5_config(len(vocabulary()), cfg.text_dim, cfg.text_layers)
     torch.manual_seed(cfg.seed + 1)
     encoder = UMT5EncoderModel(config).eval().requires_grad_(False)
     _round_to_fp16(encoder)
@@ -199,19 +191,7 @@ def build_transformer(cfg: TrainConfig):
 
     torch.manual_seed(cfg.seed + 3)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=cfg.tf_heads,
-        attention_head_dim=cfg.tf_head_dim,
-        in_channels=16,
-        out_channels=16,
-        text_dim=cfg.text_dim,
-        freq_dim=256,
-        ffn_dim=cfg.tf_ffn,
-        num_layers=cfg.tf_layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=1e-6,
-        rope_max_seq_len=1024,
+        **wan_transformer_config(cfg.tf_heads, cfg.tf_head_dim, cfg.tf_ffn, cfg.tf_layers, cfg.text_dim)
     )
 
 
@@ -455,37 +435,28 @@ def train_experts(cfg: TrainConfig, work: Path) -> None:
 
 def export(cfg: TrainConfig, work: Path, out: Path) -> None:
     """Write the checkpoint in fp16, in the layout `WanPipeline.save_pretrained` produces."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     data = _load_latents(work)
     vae = AutoencoderKLWan.from_pretrained(work / "vae_decoder")
     vae.register_to_config(latents_mean=data["mean"].tolist(), latents_std=data["std"].tolist())
-    experts = {name: WanTransformer3DModel.from_pretrained(work / name) for name in ("transformer", "transformer_2")}
-    tokenizer, text_encoder = build_tokenizer(), build_text_encoder(cfg)
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=FLOW_SHIFT
-    )
+    experts = {
+        name: WanTransformer3DModel.from_pretrained(work / name).half() for name in ("transformer", "transformer_2")
+    }
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    text_encoder.half().save_pretrained(out / "text_encoder", safe_serialization=True)
-    tokenizer.save_pretrained(out / "tokenizer")
-    vae.half().save_pretrained(out / "vae", safe_serialization=True)
-    scheduler.save_pretrained(out / "scheduler")
-    for name, module in experts.items():
-        # Small shards, so the demo exercises the sharded index path like a real checkpoint.
-        module.half().save_pretrained(out / name, safe_serialization=True, max_shard_size="1MB")
-    pipe = WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=scheduler,
-        transformer=experts["transformer"],
-        transformer_2=experts["transformer_2"],
+    save_wan_checkpoint(
+        out,
+        build_tokenizer(),
+        build_text_encoder(cfg).half(),
+        vae.half(),
+        flow_unipc_scheduler(),
+        experts,
+        shard_size="1MB",  # small shards: the demo exercises the sharded index path like a real checkpoint
         boundary_ratio=BOUNDARY_RATIO,
+        defaults=DEMO_DEFAULTS,
     )
-    pipe.save_config(out)
-    (out / "reelserve_defaults.json").write_text(json.dumps(DEMO_DEFAULTS, indent=2, sort_keys=True) + "\n")
     (out / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
 
 
