@@ -24,11 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.demo.quality import Generate, evaluate_splits, format_scores, runner_generate  # noqa: E402
-from serve.quant import QuantPolicy  # noqa: E402
+from serve.quant import SCHEMES, QuantPolicy  # noqa: E402
 from serve.worker.model_runner import ModelRunner  # noqa: E402
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo" / "checkpoint"
-QUANT_SCHEMES = ("int8-wo", "w8a8-int8", "fp8-wo", "w8a8-fp8")
+QUANT_SCHEMES = tuple(SCHEMES)
 PRESETS = ("lightning-4step",)
 CACHE_THRESHOLDS = (0.05, 0.1, 0.2)
 
@@ -86,8 +86,11 @@ def main() -> None:
     torch.set_grad_enabled(False)
     seeds = [int(s) for s in args.seeds.split(",")]
     configs = all_configs() if args.configs == "all" else args.configs.split(",")
-    if "default" not in configs:
-        configs.insert(0, "default")
+    unknown = [c for c in configs if c not in all_configs() and not c.startswith(("cache-", "steps-", "preset-"))]
+    if unknown:
+        ap.error(f"--configs: unknown {unknown}; choose from {','.join(all_configs())} (or cache-T, steps-N, preset-P)")
+    # The default runs first: every other configuration's PSNR is measured against its videos.
+    configs = ["default"] + [c for c in configs if c != "default"]
     print(f"model {args.model}, seeds {seeds}")
     reference: dict = {}
     summary = []

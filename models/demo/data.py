@@ -42,7 +42,7 @@ HELD_OUT: frozenset[tuple[str, str, str]] = frozenset(
 HEIGHT = WIDTH = 64
 NUM_FRAMES = 17
 BACKGROUND_MAX = 0.12  # background brightness in [0, 1]: always dark
-HALF_SIZE = (6.0, 8.5)  # half side of a square / radius of a disc, in pixels
+HALF_SIZE = (6.0, 8.5)  # range of the half side of a square, or the radius of a disc, in pixels
 SPEED = (1.6, 2.4)  # pixels per frame
 
 
@@ -100,7 +100,9 @@ def render_clip(
     margin = half + 1.0
     # Along the motion axis, start where the whole path fits; across it, anywhere that fits.
     start_lo, start_hi = margin, size - margin - travel
-    along = _uniform(gen, start_lo, max(start_lo, start_hi))
+    if start_hi < start_lo:
+        raise ValueError(f"{num_frames} frames at up to {SPEED[1]} px/frame do not fit in {size} px")
+    along = _uniform(gen, start_lo, start_hi)
     across = _uniform(gen, margin, size - margin)
     t = torch.arange(num_frames, dtype=torch.float32)
     if dx:

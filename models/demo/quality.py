@@ -14,15 +14,24 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from models.demo.data import COLOURS, Combo, held_out_combos, train_combos
 
 OBJECT_THRESHOLD = 0.3  # a pixel is the object's when a channel differs this much from the background
-MIN_OBJECT_PIXELS = 8  # fewer in a frame and that frame has no object (its centroid is noise)
+MIN_OBJECT_PIXELS = 8  # fewer and there is no object (in a frame: its centroid would be noise)
 MIN_SPEED = 0.3  # pixels per frame; slower than this the object is "static", not moving anywhere
 
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 PALETTE_NAMES = list(COLOURS)
+
+
+def clip_to_frames(pixels: torch.Tensor) -> np.ndarray:
+    """A clip as the data and the VAE hold it, (3, T, H, W) in [-1, 1], as decoded videos are:
+    uint8 (T, H, W, 3)."""
+    from serve.pipeline.decode import to_uint8
+
+    return to_uint8(((pixels + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0))
 
 
 def background_distance(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -136,8 +145,9 @@ def evaluate_splits(generate: Generate, seeds: Iterable[int]) -> dict[str, Score
 
 
 def runner_generate(runner, **overrides) -> Generate:
-    """A `Generate` over a reelserve ModelRunner with the model's defaults filled exactly as the
-    API fills them (sampler, steps, guidance, size); `overrides` change request fields."""
+    """A `Generate` over a reelserve ModelRunner, with the model's defaults (sampler, steps,
+    guidance, size) filled by the API's own `fill_defaults`; `overrides` change request fields
+    and must already be valid for the model (no rounding or limit checks here)."""
     from models.wan.spec import WanSpec
     from serve.api.params import fill_defaults
     from serve.api.schemas import GenerateRequest
