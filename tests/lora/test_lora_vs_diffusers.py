@@ -9,6 +9,8 @@ level): a fused weight and an unfused W x + B(A x) differ by float rounding only
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
@@ -17,6 +19,7 @@ from serve.engine.request import GenerationParams
 from serve.lora.options import FusedLora, LoraOptions
 from serve.worker.model_runner import ModelRunner
 from tests.lora.conftest import write_lora
+from tests.requests import make_params
 
 ATOL_FRAMES = 2e-5
 ATOL_WEIGHTS = 1e-6
@@ -30,21 +33,7 @@ class LightningEuler(FlowMatchEulerDiscreteScheduler):
         super().set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], device=device)
 
 
-def params(**overrides) -> GenerationParams:
-    base = dict(
-        prompt="a red square moving left",
-        negative_prompt="",
-        height=32,
-        width=32,
-        num_frames=5,
-        fps=16,
-        num_inference_steps=40,
-        guidance_scale=4.0,
-        guidance_scale_2=3.0,
-        seed=7,
-        preset="lightning-4step",
-    )
-    return GenerationParams(**(base | overrides))
+params = partial(make_params, negative_prompt="", num_inference_steps=40, seed=7, preset="lightning-4step")
 
 
 @pytest.fixture(scope="module")

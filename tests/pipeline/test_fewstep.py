@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
-from serve.engine.request import GenerationParams
 from serve.worker.model_runner import ModelRunner
+from tests.requests import make_params
 
-
-def params(**overrides) -> GenerationParams:
-    base = dict(
-        prompt="a red square moving left",
-        negative_prompt="blurry",
-        height=32,
-        width=32,
-        num_frames=5,
-        fps=16,
-        num_inference_steps=40,
-        guidance_scale=4.0,  # the preset must override both: distilled models run without CFG
-        guidance_scale_2=3.0,
-        seed=3,
-        preset="lightning-4step",
-    )
-    return GenerationParams(**(base | overrides))
+# guidance 4.0/3.0 from the base: the preset must override both (distilled models run without CFG)
+params = partial(make_params, num_inference_steps=40, seed=3, preset="lightning-4step")
 
 
 @pytest.fixture(scope="module")

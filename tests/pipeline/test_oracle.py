@@ -6,6 +6,8 @@ float rounding only; measured max abs difference on decoded frames in [0, 1] is 
 ATOL = 2e-5 leaves 10x headroom and is still 1/20 of one 8-bit level (1/255 = 3.9e-3).
 """
 
+from functools import partial
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
@@ -14,25 +16,14 @@ from models.tiny import write_tiny_checkpoint
 from serve.engine.request import GenerationParams
 from serve.sampling.flow import flow_sigmas
 from serve.worker.model_runner import ModelRunner
+from tests.requests import make_params
 
 ATOL = 2e-5
 
 
-def params(**overrides) -> GenerationParams:
-    base = dict(
-        prompt="a red square moving left",
-        negative_prompt="blurry, static",
-        height=64,
-        width=48,
-        num_frames=9,
-        fps=16,
-        num_inference_steps=4,
-        guidance_scale=4.0,
-        guidance_scale_2=3.0,
-        seed=1234,
-        sampler="unipc",
-    )
-    return GenerationParams(**(base | overrides))
+params = partial(
+    make_params, negative_prompt="blurry, static", height=64, width=48, num_frames=9, seed=1234, sampler="unipc"
+)
 
 
 class EulerOnFlowSigmas(FlowMatchEulerDiscreteScheduler):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -9,22 +11,9 @@ from serve.engine.request import GenerationParams
 from serve.loader import load_component
 from serve.pipeline.step_cache import StepCache, cached_forward
 from serve.worker.model_runner import ModelRunner
+from tests.requests import make_params
 
-
-def params(**overrides) -> GenerationParams:
-    base = dict(
-        prompt="a red square moving left",
-        negative_prompt="blurry",
-        height=32,
-        width=32,
-        num_frames=5,
-        fps=16,
-        num_inference_steps=6,
-        guidance_scale=4.0,
-        guidance_scale_2=3.0,
-        seed=5,
-    )
-    return GenerationParams(**(base | overrides))
+params = partial(make_params, num_inference_steps=6, seed=5)
 
 
 @pytest.fixture(scope="module")

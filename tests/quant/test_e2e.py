@@ -18,21 +18,11 @@ import torch
 from serve.engine.request import GenerationParams
 from serve.quant import Fp8Linear, QuantConfig, quantize_module
 from serve.worker.model_runner import ModelRunner
+from tests.requests import make_params
 
 PSNR_DB = {"int8-wo": 72.0, "w8a8-int8": 62.0, "fp8-wo": 58.0, "w8a8-fp8": 52.0}
 COSINE = 0.999
-PARAMS = GenerationParams(
-    prompt="a red square moving left",
-    negative_prompt="blurry, static",
-    height=64,
-    width=64,
-    num_frames=9,
-    fps=16,
-    num_inference_steps=4,
-    guidance_scale=4.0,
-    guidance_scale_2=3.0,
-    seed=1234,
-)
+PARAMS = make_params(negative_prompt="blurry, static", height=64, width=64, num_frames=9, seed=1234)
 
 
 def final_latents(runner: ModelRunner, params: GenerationParams) -> torch.Tensor:

@@ -12,13 +12,13 @@ from torch import nn
 
 import serve.quant.loading as quant_loading
 from serve.cli import main
-from serve.engine.request import GenerationParams
 from serve.loader import CheckpointError, load_component, read_header
 from serve.loader.build import ALLOWED, build_empty
 from serve.quant import QuantConfig, QuantLinear, QuantPolicy, held_bytes, quantize_module
 from serve.quant.loading import SCHEME_KEY
 from serve.quant.swap import eligible_linears, swap_linears
 from serve.worker.model_runner import ModelRunner
+from tests.requests import make_params
 
 SCHEMES = ("int8-wo", "w8a8-int8", "fp8-wo", "w8a8-fp8")
 
@@ -108,18 +108,7 @@ def test_a14b_transformer_takes_at_most_055_of_bf16_bytes():
 
 # ---- pre-quantized checkpoints -------------------------------------------------------------------
 
-PARAMS = GenerationParams(
-    prompt="a red square moving left",
-    negative_prompt="blurry",
-    height=48,
-    width=48,
-    num_frames=5,
-    fps=16,
-    num_inference_steps=4,
-    guidance_scale=4.0,
-    guidance_scale_2=3.0,
-    seed=7,
-)
+PARAMS = make_params(height=48, width=48, seed=7)
 POLICY = "high=w8a8-int8,low=fp8-wo"
 
 

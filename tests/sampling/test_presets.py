@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from serve.engine.request import GenerationParams
 from serve.sampling.flow import explicit_sampler, sampler_for
 from serve.sampling.presets import PRESETS, apply_preset, get_preset
+from tests.requests import make_params
 
 LIGHTNING_TIMESTEPS = [1000.0, 937.5, 2500.0 / 3, 625.0]  # ModelTC/LightX2V-Wan2.2-Lightning#3
 
 
-def params(**overrides) -> GenerationParams:
-    base = dict(
-        prompt="p",
-        negative_prompt="n",
-        height=64,
-        width=64,
-        num_frames=9,
-        fps=16,
-        num_inference_steps=40,
-        guidance_scale=4.0,
-        guidance_scale_2=3.0,
-        seed=0,
-    )
-    return GenerationParams(**(base | overrides))
+params = partial(
+    make_params, prompt="p", negative_prompt="n", height=64, width=64, num_frames=9, num_inference_steps=40
+)
 
 
 @pytest.mark.parametrize("name", ["lightning-4step", "lightx2v-4step"])
