@@ -51,6 +51,7 @@ from models.tiny import (
     wan_transformer_config,
 )
 from serve.pipeline.text_encode import MAX_SEQUENCE_LENGTH  # what WanPipeline pads prompts to
+from serve.sampling.presets import shift_sigma
 
 THREADS = 2
 
@@ -355,12 +356,8 @@ def _caption_embeddings(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return encode_prompts(tokenizer, encoder, captions), encode_prompts(tokenizer, encoder, [""])[0]
 
 
-def shifted_sigma(u: torch.Tensor, shift: float = FLOW_SHIFT) -> torch.Tensor:
-    """The sigma a uniform `u` maps to under Wan's flow shift: where the sampler spends its steps."""
-    return shift * u / (1 + (shift - 1) * u)
-
-
 def _unshift(sigma: float, shift: float = FLOW_SHIFT) -> float:
+    """The inverse of `shift_sigma`: which uniform draw lands on `sigma`."""
     return sigma / (shift - (shift - 1) * sigma)
 
 
@@ -375,7 +372,7 @@ def flow_matching_loss(
     timestep 1000 s, with s drawn from the shifted distribution restricted to `sigma_range`."""
     lo, hi = _unshift(sigma_range[0]), _unshift(sigma_range[1])
     u = lo + (hi - lo) * torch.rand(x0.shape[0], generator=gen)
-    sigma = shifted_sigma(u).view(-1, 1, 1, 1, 1)
+    sigma = shift_sigma(u, FLOW_SHIFT).view(-1, 1, 1, 1, 1)  # where the sampler spends its steps
     noise = torch.randn(x0.shape, generator=gen)
     x_t = (1 - sigma) * x0 + sigma * noise
     pred = model(hidden_states=x_t, timestep=sigma.flatten() * 1000, encoder_hidden_states=text, return_dict=False)[0]

@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 
 from serve.engine.request import GenerationParams
-from serve.sampling.presets import get_preset
+from serve.sampling.presets import get_preset, shift_sigma
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -30,7 +30,7 @@ def flow_sigmas(num_steps: int, shift: float) -> torch.Tensor:
     steps at high noise as the shift grows.
     """
     sigmas = torch.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, num_steps + 1, dtype=torch.float64)[:-1]
-    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    sigmas = shift_sigma(sigmas, shift)
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)
 
 

@@ -34,7 +34,7 @@ class Preset:
 
     def sigmas(self) -> list[float]:
         """Shifted sigmas, one per step, then the final 0 the last Euler step lands on."""
-        shifted = [_shift(t / NUM_TRAIN_TIMESTEPS, self.shift) for t in self.step_list]
+        shifted = [shift_sigma(t / NUM_TRAIN_TIMESTEPS, self.shift) for t in self.step_list]
         return shifted + [0.0]
 
     def timesteps(self) -> list[float]:
@@ -46,7 +46,8 @@ class Preset:
         return len(self.step_list)
 
 
-def _shift(sigma: float, shift: float) -> float:
+def shift_sigma(sigma, shift: float):
+    """Wan's flow shift, sigma' = shift*s / (1 + (shift-1)*s), for a float or a tensor of sigmas."""
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
