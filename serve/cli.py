@@ -215,7 +215,7 @@ def cmd_generate(args) -> int:
     from serve.loader import CheckpointError
     from serve.pipeline.mp4 import encode_mp4
     from serve.sampling.presets import apply_preset
-    from serve.worker.worker import load_model_runner
+    from serve.worker.factory import load_model_runner
 
     spec = read_spec(args.model)
     params = apply_preset(_params_from_args(args, spec))

@@ -23,7 +23,7 @@ from serve.engine.core import (
 from serve.engine.executor import Executor
 from serve.engine.request import GenerationParams
 from serve.engine.scheduler import Scheduler, SchedulerConfig
-from serve.worker.worker import DEFAULT_RUNNER_FACTORY, WEIGHTS_DTYPE_QUANT, RunnerOptions, WorkerArgs
+from serve.worker.factory import DEFAULT_RUNNER_FACTORY, WEIGHTS_DTYPE_QUANT, RunnerOptions, WorkerArgs
 
 __all__ = [
     "EngineClient",

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
 from serve.engine.scheduler import UnitResult, WorkerDied, WorkUnit
-from serve.worker.worker import UnitReport, WorkerArgs, worker_main
+from serve.worker.factory import WorkerArgs
+from serve.worker.worker import UnitReport, worker_main
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ import pytest
 from serve.engine.core import EngineCore
 from serve.engine.executor import Executor
 from serve.engine.scheduler import Scheduler, SchedulerConfig
-from serve.worker.worker import WorkerArgs
+from serve.worker.factory import WorkerArgs
 from tests.engine.fake_runner import FACTORY
 
 

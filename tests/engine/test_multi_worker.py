@@ -4,7 +4,7 @@ import pytest
 
 from serve.engine.core import GenerationFailed
 from serve.engine.request import GenerationParams
-from serve.worker.worker import DEFAULT_RUNNER_FACTORY
+from serve.worker.factory import DEFAULT_RUNNER_FACTORY
 from tests.engine.conftest import make_core
 
 TIMEOUT_S = 120

@@ -46,7 +46,7 @@ def test_choose_honours_flags_and_explains_failure(a14b) -> None:
 
 
 def test_each_worker_plans_for_its_own_device(tiny_model_dir):
-    from serve.worker.worker import RunnerOptions, plan_residency
+    from serve.worker.factory import RunnerOptions, plan_residency
 
     small = dict(largest_request=(64, 64, 9), ram="64GiB")
     assert plan_residency(str(tiny_model_dir), "cpu", RunnerOptions(**small)) is None  # CPU: auto is resident
