@@ -45,6 +45,11 @@ class Limits(_Frozen):
     """Highest frame rate written into the MP4 (`--max-fps`)."""
     max_guidance_scale: float = Field(20.0, ge=0.0)
     """Largest classifier-free guidance scale; larger values only saturate the video."""
+    max_image_bytes: int = Field(20 << 20, ge=1)
+    """Largest conditioning image (`input_reference`) file, in bytes; the body limit of the routes
+    that take one grows to fit it as base64."""
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    """Most pixels (width x height) of a conditioning image, checked from its header before decoding."""
 
     @field_validator("max_num_frames")
     @classmethod
