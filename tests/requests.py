@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from models.wan.spec import WanSpec
 from serve.engine.request import GenerationParams
+
+# The tiny checkpoints' geometry (Wan2.1 VAE 4x8x8, patch 1x2x2), for scheduler tests that have
+# no checkpoint: `tokens` is the scheduler's token counter there.
+TINY_SPEC = WanSpec(Path("tiny"), ("transformer", "transformer_2"), 0.875, 4, 8, (1, 2, 2), 16, {})
+tokens = TINY_SPEC.tokens
 
 BASE = dict(
     prompt="a red square moving left",

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from serve.engine.request import GenerationParams
+
+# (height, width, num_frames) -> the transformer's sequence length: the model spec's `tokens`
+# (models/wan/spec.py), which knows the VAE's strides and the patch size of the served model.
+TokenCounter = Callable[[int, int, int], int]
 
 
 @dataclass(frozen=True)
@@ -27,9 +32,11 @@ class BatchKey:
     cfg: bool
     loras: tuple[tuple[str, float], ...]
     quantization: str
+    tokens: int
+    """Transformer sequence length of one sample (follows from the size; kept for the cost model)."""
 
 
-def batch_key(params: GenerationParams, model: str, quantization: str = "none") -> BatchKey:
+def batch_key(params: GenerationParams, model: str, tokens: TokenCounter, quantization: str = "none") -> BatchKey:
     return BatchKey(
         model=model,
         height=params.height,
@@ -41,9 +48,5 @@ def batch_key(params: GenerationParams, model: str, quantization: str = "none") 
         cfg=params.uses_cfg,
         loras=tuple(sorted(params.loras)),
         quantization=quantization,
+        tokens=tokens(params.height, params.width, params.num_frames),
     )
-
-
-def latent_tokens(height: int, width: int, num_frames: int, temporal: int = 4, spatial: int = 16) -> int:
-    """Transformer sequence length: latent frames x (height/16) x (width/16) for Wan (VAE 4x8x8, patch 1x2x2)."""
-    return ((num_frames - 1) // temporal + 1) * (height // spatial) * (width // spatial)

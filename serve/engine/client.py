@@ -11,6 +11,7 @@ import os
 from concurrent.futures import Future
 from pathlib import Path
 
+from models.registry import resolve
 from serve.config import ServerConfig
 from serve.engine.core import (
     EngineCore,
@@ -88,8 +89,13 @@ class EngineClient:
             )
             for device in devices
         ]
+        spec = resolve(config.model_dir).spec  # torch-free: the model's token count for the cost model
         scheduler = Scheduler(
-            scheduler_config(config), len(workers), model=Path(config.model_dir).name, quantization=quant_key(config)
+            scheduler_config(config),
+            len(workers),
+            spec.tokens,
+            model=Path(config.model_dir).name,
+            quantization=quant_key(config),
         )
         self.core = EngineCore(Executor(workers, config.worker_start_timeout_s), scheduler, config.request_timeout_s)
 

@@ -92,7 +92,7 @@ class EngineCore:
         self.ready.set()
 
     def _calibrate(self) -> None:
-        samples = [s for w in self.executor.workers for s in w.info.get("cost_samples", [])]
+        samples = [s for w in self.executor.workers if w.info is not None for s in w.info.cost_samples]
         self.scheduler.cost = CostModel.fit([tuple(s) for s in samples])
         log.info("cost model from %d warmup samples: %s", len(samples), self.scheduler.cost)
 
@@ -189,7 +189,7 @@ class EngineCore:
         now = time.monotonic()
         with self._lock:
             output = self.scheduler.schedule(self.executor.idle_workers(), now)
-            payloads = [self._payload(unit) for unit in output.units]
+            payloads = [self._params(unit) for unit in output.units]
         for worker, ids in output.free.items():
             self.executor.free(worker, ids)
         for unit, payload in zip(output.units, payloads, strict=True):
@@ -198,12 +198,11 @@ class EngineCore:
         self._settle_ended(output.ended)
         return output
 
-    def _payload(self, unit: WorkUnit) -> tuple:
-        if unit.kind == "encode":
-            return ([(rid, self.scheduler.requests[rid].params) for rid in unit.request_ids],)
-        if unit.kind == "denoise":
-            return (list(unit.request_ids), unit.expert)
-        return (list(unit.request_ids),)
+    def _params(self, unit: WorkUnit) -> tuple[tuple[str, GenerationParams], ...]:
+        """What an encode unit sends along: its requests' params (other units send ids only)."""
+        if unit.kind != "encode":
+            return ()
+        return tuple((rid, self.scheduler.requests[rid].params) for rid in unit.request_ids)
 
     def _note_start(self, unit: WorkUnit, now: float) -> None:
         if unit.kind == "encode":

@@ -10,12 +10,14 @@ import contextlib
 import itertools
 import logging
 import multiprocessing as mp
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
+from serve.engine.messages import Free, LoadFailed, Ready, Shutdown, UnitReport, unit_message
+from serve.engine.request import GenerationParams
 from serve.engine.scheduler import UnitResult, WorkerDied, WorkUnit
 from serve.worker.factory import WorkerArgs
-from serve.worker.worker import UnitReport, worker_main
+from serve.worker.worker import worker_main
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class WorkerHandle:
     restarts: int = 0
     unit: WorkUnit | None = None  # in flight
     unit_id: int | None = None
-    info: dict = field(default_factory=dict)
+    info: Ready | None = None
 
     def alive(self) -> bool:
         proc = self.proc
@@ -89,14 +91,15 @@ class Executor:
                 "raise worker_start_timeout_s or check the worker log"
             )
         try:
-            kind, detail = w.conn.recv()
+            message = w.conn.recv()
         except (EOFError, OSError):
             w.proc.join(5)
             raise WorkerStartError(f"{where} exited (code {w.proc.exitcode}) while loading; see its log") from None
-        if kind != "ready":
+        if not isinstance(message, Ready):
             self._kill(w)
-            raise WorkerStartError(f"{where} could not load {w.args.model_dir}: {detail}")
-        w.ready, w.info = True, detail
+            reason = message.reason if isinstance(message, LoadFailed) else f"unexpected {message!r}"
+            raise WorkerStartError(f"{where} could not load {w.args.model_dir}: {reason}")
+        w.ready, w.info = True, message
         log.info("worker %d pid %s ready on %s", w.index, w.proc.pid, w.args.device)
 
     def restart_dead(self) -> None:
@@ -119,7 +122,7 @@ class Executor:
                 continue
             w.ready = False
             with contextlib.suppress(OSError):  # already gone is fine
-                w.conn.send(("shutdown",))
+                w.conn.send(Shutdown())
         for w in self.workers:
             if w.proc is not None:
                 # A unit still in flight was already failed by the caller; waiting would only let
@@ -144,17 +147,19 @@ class Executor:
     def any_ready(self) -> bool:
         return any(w.alive() for w in self.workers)
 
-    def submit(self, unit: WorkUnit, args: tuple) -> None:
+    def submit(self, unit: WorkUnit, params: tuple[tuple[str, GenerationParams], ...] = ()) -> None:
+        """Send a unit to its worker; an encode unit carries its requests' `params`."""
         w = self.workers[unit.worker]
         w.unit, w.unit_id = unit, next(self._unit_ids)
+        message = unit_message(unit.kind, w.unit_id, unit.request_ids, unit.expert, params)
         with contextlib.suppress(OSError):  # a dead worker refuses; poll() reports its death
-            w.conn.send((unit.kind, w.unit_id, *args))
+            w.conn.send(message)
 
     def free(self, worker: int, request_ids: list[str]) -> None:
         w = self.workers[worker]
         if w.ready:
             with contextlib.suppress(OSError):
-                w.conn.send(("free", request_ids))
+                w.conn.send(Free(tuple(request_ids)))
 
     def poll(self, timeout: float) -> list[UnitOutcome | WorkerDied]:
         """Wait up to `timeout` for any worker to report; return finished units and deaths."""
@@ -169,8 +174,8 @@ class Executor:
         events: list[UnitOutcome | WorkerDied] = []
         try:
             while w.conn.poll():
-                _, unit_id, report = w.conn.recv()
-                if unit_id == w.unit_id:
+                report = w.conn.recv()
+                if isinstance(report, UnitReport) and report.unit_id == w.unit_id:
                     events.append(UnitOutcome(self._result(w.unit, report), report))
                     w.unit, w.unit_id = None, None
         except (EOFError, OSError):

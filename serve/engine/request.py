@@ -11,6 +11,21 @@ SAMPLERS = ("unipc", "euler")
 
 
 @dataclass(frozen=True)
+class ConditionImage:
+    """A conditioning image (image-to-video), already cropped and resized to the request's size:
+    8-bit RGB, row-major, `height * width * 3` bytes. Plain bytes, so it pickles to the worker
+    without torch; the worker VAE-encodes it and keeps the latents there."""
+
+    width: int
+    height: int
+    rgb: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.rgb) != self.width * self.height * 3:
+            raise ValueError(f"{len(self.rgb)} bytes is not a {self.width}x{self.height} RGB image")
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """One fully resolved generation: every default filled in, every value already within limits.
 
@@ -34,6 +49,9 @@ class GenerationParams:
     """A named few-step schedule (e.g. "lightning-4step"): fixes timesteps, expert split and guidance."""
     loras: tuple[tuple[str, float], ...] = ()
     """Per-request LoRA set: (name of a LoRA the server knows, scale). Part of the batch key."""
+    image: ConditionImage | None = None
+    """Image-to-video: the first frame's conditioning image, at (height, width). Not in the batch
+    key: requests with different images share a step (the image enters as extra input channels)."""
 
     @property
     def uses_cfg(self) -> bool:

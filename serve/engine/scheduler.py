@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from serve.engine.batch_key import BatchKey, batch_key, latent_tokens
+from serve.engine.batch_key import BatchKey, TokenCounter, batch_key
 from serve.engine.cost_model import CostModel
 from serve.engine.request import Request, RequestStatus
 
@@ -86,8 +86,17 @@ def _decode_shape(r: Request) -> tuple[str, int, int, int]:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, num_workers: int, model: str = "model", quantization: str = "none"):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        num_workers: int,
+        tokens: TokenCounter,
+        model: str = "model",
+        quantization: str = "none",
+    ) -> None:
+        """`tokens`: the served model's sequence length for a size (its spec's `tokens`)."""
         self.config = config
+        self.tokens = tokens
         self.num_workers = num_workers
         self.model = model
         self.quantization = quantization
@@ -106,7 +115,7 @@ class Scheduler:
         and step count must describe the run as it will happen)."""
         if len(self.waiting) >= self.config.max_queue:
             raise QueueFullError(self.config.max_queue)
-        request.batch_key = batch_key(request.params, self.model, self.quantization)
+        request.batch_key = batch_key(request.params, self.model, self.tokens, self.quantization)
         self.waiting.append(request)
         self.requests[request.request_id] = request
 
@@ -197,7 +206,7 @@ class Scheduler:
 
     def _fill_batch(self, key: BatchKey, members: list[Request]) -> list[Request]:
         """Oldest first, up to the batch-size cap and the predicted-cost cap (at least one)."""
-        tokens = latent_tokens(key.height, key.width, key.num_frames)
+        tokens = key.tokens
         cap = self.config.max_batch_cost_s
         batch: list[Request] = []
         for r in members[: self.config.max_batch_size]:
@@ -305,8 +314,7 @@ class Scheduler:
     def remaining_s(self, r: Request) -> float:
         """Predicted seconds of transformer work left for one request, run alone."""
         key = r.batch_key
-        tokens = latent_tokens(key.height, key.width, key.num_frames)
-        return (r.total_steps - r.step) * self.cost.batch_step_s(tokens, key.cfg, 1)
+        return (r.total_steps - r.step) * self.cost.batch_step_s(key.tokens, key.cfg, 1)
 
     def worker_load_s(self, worker: int) -> float:
         return sum(self.remaining_s(r) for r in self._on_worker(worker))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from serve.pipeline.mp4 import Mp4Writer
+from serve.pipeline.mp4 import stream_chunks_to_mp4s
 from serve.vae import ChunkedVaeDecoder, VaeDecodeConfig
 
 
@@ -69,28 +68,5 @@ def stream_decode_to_mp4(stage: DecodeStage, latents: torch.Tensor, sink, fps: i
 def stream_decode_to_mp4s(
     stage: DecodeStage, latents: torch.Tensor, sinks: Sequence, fps: Sequence[int], lossless: Sequence[bool]
 ) -> dict:
-    """Decode a batch chunk by chunk straight into one MP4 per video (`sinks[i]`: a path or a
-    binary file object).
-
-    No video ever exists whole, as floats or as uint8; each encoder holds only its lookahead.
-    Returns seconds: `decode` and `mp4` (time inside each), `first_chunk` (until the first frames
-    were handed to the encoders), `total`."""
-    timings = {"decode": 0.0, "mp4": 0.0}
-    start = mark = time.perf_counter()
-    writers: list[Mp4Writer] = []
-    for frames in stage.iter_uint8(latents):
-        now = time.perf_counter()
-        timings["decode"] += now - mark
-        if not writers:
-            timings["first_chunk"] = now - start
-            height, width = frames.shape[2:4]
-            writers = [Mp4Writer(sink, width, height, r, lo) for sink, r, lo in zip(sinks, fps, lossless, strict=True)]
-        for writer, video in zip(writers, frames, strict=True):
-            writer.write(video)
-        mark = time.perf_counter()
-        timings["mp4"] += mark - now
-    for writer in writers:
-        writer.close()
-    timings["mp4"] += time.perf_counter() - mark
-    timings["total"] = time.perf_counter() - start
-    return timings
+    """Decode a batch chunk by chunk straight into one MP4 per video (`stream_chunks_to_mp4s`)."""
+    return stream_chunks_to_mp4s(stage.iter_uint8(latents), sinks, fps, lossless)

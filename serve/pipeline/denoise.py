@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from serve.lora.runtime import LoraRegistry, LoraSet, apply_loras
-from serve.pipeline.step_cache import StepCache, cached_forward
+from serve.pipeline.step_cache import StepCache
 from serve.sampling.guidance import split_cfg
+
+# (model, hidden, timesteps, embeds, per-request caches, expert) -> velocity: the model family's
+# way of running its transformer with the first-block cache (models/wan/step_cache.py for Wan).
+CachedForward = Callable[
+    [torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, Sequence[StepCache], int], torch.Tensor
+]
 
 
 class DenoiseStage:
-    def __init__(self, experts: list[torch.nn.Module], boundary_timestep: float | None) -> None:
-        """`experts[0]` is the high-noise `transformer`, `experts[1]` (if any) the low-noise `transformer_2`."""
+    def __init__(
+        self,
+        experts: list[torch.nn.Module],
+        boundary_timestep: float | None,
+        cached_forward: CachedForward | None = None,
+    ) -> None:
+        """`experts[0]` is the high-noise `transformer`, `experts[1]` (if any) the low-noise `transformer_2`.
+        `cached_forward`: how the family runs a forward with the first-block cache (None: no cache)."""
         if boundary_timestep is not None and len(experts) < 2:
             raise ValueError("a boundary timestep needs two experts")
         self.experts = experts
         self.boundary_timestep = boundary_timestep
+        self.cached_forward = cached_forward
         self.lora_registry: LoraRegistry | None = None  # set by the runner when per-request LoRAs are allowed
 
     def expert_index(self, t: float) -> int:
@@ -38,7 +51,8 @@ class DenoiseStage:
         step_caches: Sequence[StepCache] | None = None,
         loras: Sequence[LoraSet] = (),
     ) -> torch.Tensor:
-        """Velocity for a batch of `n` latents (n, C, F, H, W), each at its own timestep (n,).
+        """Velocity for a batch of `n` transformer inputs (n, C, F, H, W), each at its own timestep:
+        (n,), or (n, tokens) for per-token timesteps.
 
         With guidance (one scale per sample), `embeds` holds [cond_1..cond_n; uncond_1..uncond_n]
         (2n rows) and the latents run twice in the same forward pass; without, `embeds` has n rows.
@@ -61,7 +75,9 @@ class DenoiseStage:
     def _forward(self, model, expert: int, hidden, t, embeds, step_caches: Sequence[StepCache] | None):
         if step_caches is None:
             return model(hidden_states=hidden, timestep=t, encoder_hidden_states=embeds, return_dict=False)[0]
-        return cached_forward(model, hidden, t, embeds, step_caches, expert)
+        if self.cached_forward is None:
+            raise ValueError("this model has no first-block cache")
+        return self.cached_forward(model, hidden, t, embeds, step_caches, expert)
 
     def _row_loras(self, expert: int, loras: Sequence[LoraSet], num_rows: int) -> list:
         """Each row's (LoRA, scale) list; rows are [cond_1..cond_n; uncond_1..uncond_n]."""

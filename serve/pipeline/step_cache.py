@@ -11,11 +11,12 @@ rule (hooks/first_block_cache.py, after ParaAttention); TeaCache makes the same 
 calibrated polynomial on the timestep embedding instead. Comparing against the last *computed*
 step, not the previous step, lets drift accumulate so skips cannot chain forever.
 
-We write our own forward instead of using diffusers' hooks because their state is one global
-per module; a server needs state per request and per expert (the two Wan2.2 experts see
-different inputs), and a batch mixing requests that skip with requests that compute.
-`cached_forward` is `WanTransformer3DModel.forward` (diffusers 0.42) line for line, with the
-block loop split after block 0; with threshold 0 it never skips and is bit-identical.
+We do not use diffusers' hooks because their state is one global per module; a server needs
+state per request and per expert (the two Wan2.2 experts see different inputs), and a batch
+mixing requests that skip with requests that compute. Nor do we copy the transformer's forward:
+`cached_blocks` builds a stand-in block list (block 0, then a tail that runs blocks 1..N only
+for the requests that compute), and the model family swaps it in for one forward
+(models/wan/step_cache.py). With threshold 0 it never skips and is bit-identical.
 """
 
 from __future__ import annotations
@@ -70,80 +71,69 @@ def request_rows(num_rows: int, num_requests: int) -> list[torch.Tensor]:
     return [torch.arange(r, num_rows, num_requests) for r in range(num_requests)]
 
 
-@torch.inference_mode()
-def cached_forward(
-    model: torch.nn.Module,
-    hidden_states: torch.Tensor,
-    timestep: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    caches: Sequence[StepCache],
-    expert: int,
-) -> torch.Tensor:
-    """`model(hidden_states, timestep, encoder_hidden_states)[0]` with per-request block skipping.
+class FirstBlock(torch.nn.Module):
+    """Runs block 0 and hands its residual (output minus input) to the `CachedTail` after it."""
 
-    `caches[r]` belongs to the r-th request of the batch (rows as in `request_rows`). Each request
-    decides on its own: blocks 1..N run only on the rows of requests that compute.
+    def __init__(self, block: torch.nn.Module, tail: CachedTail) -> None:
+        super().__init__()
+        self.block = block
+        object.__setattr__(self, "_tail", tail)  # not a submodule: the tail is its own list entry
+
+    def forward(self, hidden: torch.Tensor, *args):
+        out = self.block(hidden, *args)
+        self._tail.first_residual = out - hidden
+        return out
+
+
+class CachedTail(torch.nn.Module):
+    """Stands in for blocks 1..N of one forward: runs them on the rows of requests that compute,
+    and adds the cached residual for requests that skip. Each request decides on its own.
+
+    Block arguments after the hidden states whose first dimension is the batch's rows (text
+    embeddings, timestep projections) are sliced with the rows; others (rotary tables) are shared.
     """
-    batch_size, _, num_frames, height, width = hidden_states.shape
-    p_t, p_h, p_w = model.config.patch_size
-    rotary_emb = model.rope(hidden_states)
-    hidden = model.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
-    temb, timestep_proj, text, image = _embed_conditions(model, timestep, encoder_hidden_states)
 
-    first = model.blocks[0](hidden, text, timestep_proj, rotary_emb)
-    hidden = _tail_blocks(model, first, first - hidden, text, timestep_proj, rotary_emb, caches, expert)
+    def __init__(self, blocks: Sequence[torch.nn.Module], caches: Sequence[StepCache], expert: int) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.caches, self.expert = caches, expert
+        self.first_residual: torch.Tensor | None = None
 
-    # 5. Output norm, projection & unpatchify (unchanged from diffusers).
-    if temb.ndim == 3:
-        shift, scale = (model.scale_shift_table.unsqueeze(0).to(temb.device) + temb.unsqueeze(2)).chunk(2, dim=2)
-        shift, scale = shift.squeeze(2), scale.squeeze(2)
-    else:
-        shift, scale = (model.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
-    shift, scale = shift.to(hidden.device), scale.to(hidden.device)
-    hidden = (model.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
-    hidden = model.proj_out(hidden)
-    hidden = hidden.reshape(batch_size, num_frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
-    hidden = hidden.permute(0, 7, 1, 4, 2, 5, 3, 6)
-    return hidden.flatten(6, 7).flatten(4, 5).flatten(2, 3)
-
-
-def _embed_conditions(model, timestep, encoder_hidden_states):
-    """Condition embedder as diffusers calls it (per-token timesteps for TI2V included)."""
-    ts_seq_len = timestep.shape[1] if timestep.ndim == 2 else None
-    if ts_seq_len is not None:
-        timestep = timestep.flatten()
-    temb, timestep_proj, text, image = model.condition_embedder(
-        timestep, encoder_hidden_states, None, timestep_seq_len=ts_seq_len
-    )
-    timestep_proj = timestep_proj.unflatten(2 if ts_seq_len is not None else 1, (6, -1))
-    return temb, timestep_proj, text, image
-
-
-def _tail_blocks(model, first, first_residual, text, timestep_proj, rotary_emb, caches, expert) -> torch.Tensor:
-    """Blocks 1..N for the requests that compute, cached residuals for those that skip."""
-    rows = request_rows(first.shape[0], len(caches))
-    skip = [c.wants_skip(expert, first_residual[r]) for c, r in zip(caches, rows, strict=True)]
-    if not any(skip):
-        out = _run_blocks(model, first, text, timestep_proj, rotary_emb)  # full batch: exact
-    else:
-        out = first.clone()
-        compute = [r for r, s in zip(rows, skip, strict=True) if not s]
-        if compute:
-            idx = torch.cat(compute)
-            out[idx] = _run_blocks(model, first[idx], text[idx], timestep_proj[idx], rotary_emb)
-    for cache, r, skipped in zip(caches, rows, skip, strict=True):
-        state = cache.state(expert)
-        if skipped:
-            out[r] = first[r] + state.tail_residual
-            cache.skipped += 1
+    def forward(self, first: torch.Tensor, *args):
+        rows = request_rows(first.shape[0], len(self.caches))
+        skip = [c.wants_skip(self.expert, self.first_residual[r]) for c, r in zip(self.caches, rows, strict=True)]
+        if not any(skip):
+            out = self._run(first, args)  # full batch: exactly the uncached forward
         else:
-            state.first_residual = first_residual[r]
-            state.tail_residual = out[r] - first[r]
-            cache.computed += 1
-    return out
+            out = first.clone()
+            compute = [r for r, s in zip(rows, skip, strict=True) if not s]
+            if compute:
+                idx = torch.cat(compute)
+                out[idx] = self._run(first[idx], [_rows(a, idx, first.shape[0]) for a in args])
+        for cache, r, skipped in zip(self.caches, rows, skip, strict=True):
+            state = cache.state(self.expert)
+            if skipped:
+                out[r] = first[r] + state.tail_residual
+                cache.skipped += 1
+            else:
+                state.first_residual = self.first_residual[r]
+                state.tail_residual = out[r] - first[r]
+                cache.computed += 1
+        return out
+
+    def _run(self, hidden: torch.Tensor, args) -> torch.Tensor:
+        for block in self.blocks:
+            hidden = block(hidden, *args)
+        return hidden
 
 
-def _run_blocks(model, hidden, text, timestep_proj, rotary_emb) -> torch.Tensor:
-    for block in model.blocks[1:]:
-        hidden = block(hidden, text, timestep_proj, rotary_emb)
-    return hidden
+def _rows(arg, idx: torch.Tensor, num_rows: int):
+    return arg[idx] if isinstance(arg, torch.Tensor) and arg.dim() > 0 and arg.shape[0] == num_rows else arg
+
+
+def cached_blocks(blocks: Sequence[torch.nn.Module], caches: Sequence[StepCache], expert: int) -> torch.nn.ModuleList:
+    """A block list equivalent to `blocks` for one forward, with per-request first-block caching:
+    [block 0 (recording its residual), the cached tail]. A model whose forward loops over its
+    block list runs unchanged with this list swapped in."""
+    tail = CachedTail(list(blocks)[1:], caches, expert)
+    return torch.nn.ModuleList([FirstBlock(blocks[0], tail), tail])

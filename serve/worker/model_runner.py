@@ -1,36 +1,33 @@
-"""Runs one Wan checkpoint on one device: text encode -> latents -> denoise steps -> VAE decode.
+"""Runs one checkpoint on one device, step by step: text encode -> latents -> denoise steps -> decode.
 
-The runner owns the modules; the stages in serve/pipeline/ do the work. Loading goes through
-the streaming loader (serve/loader), so no component is ever materialised twice.
+Generic over model variants: the registry (models/registry.py) names the variant's stage
+assembly (e.g. models/wan/t2v.py), which owns the modules, the stages and the per-request hooks
+(conditioning, the transformer's input at a step, the latents to decode). This file batches
+requests through them and implements the `Runner` protocol the worker process calls.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
-import json
+import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from models.wan.spec import WanSpec, read_spec
+from models.registry import resolve
 from serve.engine.request import GenerationParams
-from serve.loader.residency import ResidencyConfig, ResidencyManager
-from serve.lora.options import LoraOptions, fuse_configured
-from serve.lora.runtime import LoraRegistry
-from serve.pipeline.decode import DecodeStage, stream_decode_to_mp4s, to_uint8
+from serve.pipeline.decode import DecodeStage, to_uint8
 from serve.pipeline.denoise import DenoiseStage
 from serve.pipeline.latents import initial_latents
 from serve.pipeline.step_cache import StepCache
 from serve.pipeline.text_encode import TextEncodeStage
-from serve.quant.schemes import QuantPolicy
 from serve.sampling.flow import Sampler, sampler_for
 from serve.sampling.presets import apply_preset, get_preset
-from serve.vae import VaeDecodeConfig
 
 StepCallback = Callable[[int, int], None]
 
@@ -48,79 +45,44 @@ class RequestState:
 
     params: GenerationParams
     embeds: torch.Tensor  # (1, L, D), or (2, L, D) with the negative prompt's row under CFG
-    latents: torch.Tensor  # (1, C, F, H, W), fp32
+    latents: torch.Tensor  # (1, C, F, H, W) noise latents, fp32
     sampler: Sampler
     step: int = 0
     step_cache: StepCache | None = None  # this request's first-block cache (off unless configured)
+    condition: torch.Tensor | None = None  # the variant's conditioning (image latents), if any
+    mask: torch.Tensor | None = None  # the variant's conditioning mask, if any
 
 
-@dataclass
-class WanComponents:
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
-    experts: list[torch.nn.Module]  # [transformer] or [transformer, transformer_2]
+class ModelStages(Protocol):
+    """What a model variant assembles (models/<family>/<variant>.py)."""
+
+    spec: Any  # the family's torch-free spec: latent shape, tokens, defaults, experts
+    text_encode: TextEncodeStage
+    denoise: DenoiseStage
+    decode: DecodeStage
+    residency: Any
+    lora_log: list[str]
     scheduler_config: dict
 
+    def prepare(self, state: RequestState) -> None: ...
 
-def load_components(
-    spec: WanSpec,
-    device: torch.device,
-    dtype: torch.dtype,
-    quant: QuantPolicy | None = None,
-    residency: ResidencyConfig | None = None,
-) -> WanComponents:
-    from transformers import AutoTokenizer
+    def model_input(self, state: RequestState) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    from serve.loader import load_component
+    def final_latents(self, state: RequestState) -> torch.Tensor: ...
 
-    root = spec.model_dir
-    # Offloaded components load on the host: the residency manager moves what the device may hold.
-    host = torch.device("cpu")
-    expert_device = device if residency is None or residency.mode == "resident" else host
-    text_device = device if residency is None or residency.text_encoder == "device" else host
-    return WanComponents(
-        tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
-        text_encoder=load_component(root / "text_encoder", text_device, dtype),
-        # The VAE stays fp32: diffusers' Wan docs recommend it, bf16 decode visibly degrades frames.
-        vae=load_component(root / "vae", device, torch.float32),
-        # Quantization is per expert (`--quant high=w8a8-int8,low=none`): each expert is quantized
-        # while it streams in, so its float weights never sit on the device.
-        experts=[
-            load_component(root / name, expert_device, dtype, quant=quant.for_expert(name) if quant else None)
-            for name in spec.expert_names
-        ],
-        scheduler_config=json.loads((root / "scheduler" / "scheduler_config.json").read_text()),
-    )
+    def warmup_params(self, height: int, width: int, num_frames: int) -> GenerationParams: ...
 
 
 class ModelRunner:
-    def __init__(
-        self,
-        spec: WanSpec,
-        components: WanComponents,
-        device: torch.device,
-        lora: LoraOptions | None = None,
-        step_cache_threshold: float | None = None,
-        vae_decode: VaeDecodeConfig | None = None,
-        residency: ResidencyConfig | None = None,
-    ) -> None:
-        """`lora`: LoRAs fused at load and the directories per-request LoRAs come from.
-        `step_cache_threshold`: first-block cache threshold for every request (None: off).
-        `vae_decode`: temporal chunks, spatial tiles and decode workers (default: untiled).
-        `residency`: memory mode (serve/loader/residency.py); None keeps everything where it was loaded."""
-        lora = lora or LoraOptions()
-        self.lora_log = fuse_configured(components.experts, lora)
-        self.step_cache_threshold = step_cache_threshold
-        self.spec = spec
+    def __init__(self, model: ModelStages, device: torch.device, step_cache_threshold: float | None = None) -> None:
+        """`step_cache_threshold`: first-block cache threshold for every request (None: off)."""
+        self.model = model
         self.device = device
-        self.scheduler_config = components.scheduler_config
-        self.text_encode = TextEncodeStage(components.tokenizer, components.text_encoder)
-        self.denoise = DenoiseStage(components.experts, spec.boundary_timestep())
-        if lora.lora_dirs and lora.per_request:
-            self.denoise.lora_registry = LoraRegistry(lora.lora_dirs, components.experts)
-        self.decode = DecodeStage(components.vae, vae_decode)
-        self.residency = None if residency is None else install_residency(residency, spec, components, device)
+        self.step_cache_threshold = step_cache_threshold
+        self.spec = model.spec
+        self.text_encode, self.denoise, self.decode = model.text_encode, model.denoise, model.decode
+        self.residency = model.residency
+        self.lora_log = model.lora_log
 
     @classmethod
     def from_checkpoint(
@@ -128,22 +90,24 @@ class ModelRunner:
         model_dir: str | Path,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
-        quant: QuantPolicy | None = None,
+        quant=None,
+        step_cache_threshold: float | None = None,
         **options,
     ) -> ModelRunner:
-        """`quant`: per-expert quantization applied while loading. `options`: the constructor's
-        keyword options (`lora`, `step_cache_threshold`)."""
-        spec = read_spec(model_dir)
-        if quant is not None:
-            quant.check_no_fused_lora(spec.expert_names, options.get("lora"))
+        """Resolve the checkpoint's variant and load it. `quant`: per-expert quantization applied
+        while loading; `options`: the variant's load options (`lora`, `vae_decode`, `residency`)."""
+        entry = resolve(model_dir)
+        module_name, _, class_name = entry.stages.partition(":")
+        stages = getattr(importlib.import_module(module_name), class_name)
         torch_device = torch.device(device)
-        components = load_components(spec, torch_device, dtype, quant, options.get("residency"))
-        return cls(spec, components, torch_device, **options)
+        model = stages.load(entry.spec, torch_device, dtype, quant, **options)
+        return cls(model, torch_device, step_cache_threshold)
 
-    # ---- step-level API: what the worker process calls; `generate` composes the same calls ----
+    # ---- step-level API (the `Runner` protocol); `generate` composes the same calls ------------
 
     def start(self, params_list: list[GenerationParams]) -> list[RequestState]:
-        """Text-encode a batch of requests in one pass and draw each one's initial latents."""
+        """Text-encode a batch of requests in one pass, draw each one's initial latents and
+        prepare its conditioning."""
         params_list = [apply_preset(p) for p in params_list]  # a preset fixes steps and turns CFG off
         prompts = [p.prompt for p in params_list]
         negatives = [p.negative_prompt for p in params_list if p.uses_cfg]
@@ -155,9 +119,10 @@ class ModelRunner:
             if params.uses_cfg:
                 rows.append(embeds[uncond_row : uncond_row + 1])
                 uncond_row += 1
-            sampler = sampler_for(params, self.scheduler_config)
-            latents = initial_latents(self.spec, params, self.device)
-            state = RequestState(params, torch.cat(rows), latents, sampler)
+            sampler = sampler_for(params, self.model.scheduler_config)
+            shape = self.spec.latent_shape(params.height, params.width, params.num_frames)
+            state = RequestState(params, torch.cat(rows), initial_latents(shape, params.seed, self.device), sampler)
+            self.model.prepare(state)
             if self.step_cache_threshold is not None:
                 state.step_cache = StepCache(self.step_cache_threshold)
             states.append(state)
@@ -176,8 +141,9 @@ class ModelRunner:
             if self.experts_of(s)[s.step] != expert:
                 raise RuntimeError(f"step {s.step} of a request belongs to expert {self.experts_of(s)[s.step]}")
         cfg = states[0].params.uses_cfg
-        latents = torch.cat([s.latents for s in states])
-        timesteps = torch.stack([s.sampler.timesteps[s.step] for s in states])
+        inputs = [self.model.model_input(s) for s in states]
+        hidden = torch.cat([h for h, _ in inputs])
+        timesteps = torch.cat([t for _, t in inputs])
         embeds = torch.cat([s.embeds[0:1] for s in states] + ([s.embeds[1:2] for s in states] if cfg else []))
         guidance = [self._guidance_for(s.params, expert) for s in states] if cfg else None
         caches = [s.step_cache for s in states] if states[0].step_cache is not None else None
@@ -185,35 +151,26 @@ class ModelRunner:
             after = self.experts_of(states[0])[states[0].step + 1 :]
             self.residency.before_step(expert, after[0] if after else None)
         loras = [s.params.loras for s in states]
-        velocity = self.denoise.predict(latents, timesteps, embeds, guidance, expert, step_caches=caches, loras=loras)
+        velocity = self.denoise.predict(hidden, timesteps, embeds, guidance, expert, step_caches=caches, loras=loras)
         for i, s in enumerate(states):
             s.latents = s.sampler.step(velocity[i : i + 1], s.latents)
             s.step += 1
 
-    def finish(self, state: RequestState) -> np.ndarray:
-        """Decode a request whose steps are done to uint8 frames (F, H, W, 3)."""
-        return to_uint8(self.decode(state.latents))
+    def decode_chunks(self, states: list[RequestState]) -> Iterator[np.ndarray]:
+        """Decode same-shaped finished requests in one VAE pass: uint8 (B, f, H, W, 3) per chunk."""
+        return self.decode.iter_uint8(torch.cat([self.model.final_latents(s) for s in states]))
 
-    def finish_mp4(self, states: list[RequestState]) -> tuple[list[bytes], dict[str, float]]:
-        """Decode same-shaped finished requests in one VAE pass, streaming each into its MP4 chunk
-        by chunk (no video is ever held whole); returns the MP4s and decode/mp4 seconds."""
-        sinks = [io.BytesIO() for _ in states]
-        timings = stream_decode_to_mp4s(
-            self.decode,
-            torch.cat([s.latents for s in states]),
-            sinks,
-            [s.params.fps for s in states],
-            [s.params.lossless for s in states],
-        )
-        return [sink.getvalue() for sink in sinks], timings
+    def counters(self, state: RequestState) -> dict[str, int]:
+        cache = state.step_cache
+        return {} if cache is None else {"skipped": cache.skipped, "computed": cache.computed}
 
     def calibrate(self) -> list[tuple[int, int, float]]:
         """Time single denoising steps at two sizes and two batch sizes: (tokens, rows, seconds)
         samples for the scheduler's cost model. Doubles as warmup (first-call allocations)."""
         m, samples = self.spec.spatial_multiple, []
         for height, width, frames in ((2 * m, 2 * m, 5), (4 * m, 4 * m, 9)):
-            params = GenerationParams("calibration", "", height, width, frames, 16, 4, 1.0, 1.0, seed=0)
-            tokens = ((frames - 1) // self.spec.vae_scale_temporal + 1) * (height // m) * (width // m)
+            params = self.model.warmup_params(height, width, frames)
+            tokens = self.spec.tokens(height, width, frames)
             for batch in (1, 2):
                 states = self.start([params] * batch)
                 experts = self.experts_of(states[0])
@@ -235,20 +192,15 @@ class ModelRunner:
         with _timed(timings, "denoise"):
             self._run_steps(state, on_step)
         with _timed(timings, "decode"):
-            frames = self.finish(state)
-        counters = {}
-        if state.step_cache is not None:
-            counters = {
-                "step_cache_skipped": state.step_cache.skipped,
-                "step_cache_computed": state.step_cache.computed,
-            }
+            frames = to_uint8(self.decode(self.model.final_latents(state)))
+        counters = {f"step_cache_{name}": value for name, value in self.counters(state).items()}
         return GenerationOutput(frames=frames, timings=timings, counters=counters)
 
     def decode_float(self, params: GenerationParams) -> torch.Tensor:
-        """Float frames in [0, 1] before 8-bit rounding: what the oracle test compares."""
+        """Float frames in [0, 1] before 8-bit rounding: what the oracle tests compare."""
         (state,) = self.start([params])
         self._run_steps(state, None)
-        return self.decode(state.latents)
+        return self.decode(self.model.final_latents(state))
 
     def _run_steps(self, state: RequestState, on_step: StepCallback | None) -> None:
         experts = self.experts_of(state)
@@ -260,18 +212,6 @@ class ModelRunner:
     def _guidance_for(self, params: GenerationParams, expert: int) -> float:
         """Each expert has its own scale; CFG on/off follows the high-noise scale, as in diffusers."""
         return params.guidance_scale if expert == 0 else params.guidance_scale_2
-
-
-def install_residency(
-    config: ResidencyConfig, spec: WanSpec, components: WanComponents, device: torch.device
-) -> ResidencyManager:
-    """A manager holding the runner's experts, text encoder and VAE per `config`."""
-    manager = ResidencyManager(config, device)
-    manager.add_fixed("vae", components.vae)
-    manager.add_text_encoder(components.text_encoder)
-    for name, module in zip(spec.expert_names, components.experts, strict=True):
-        manager.add_expert(name, module, spec.model_dir / name)
-    return manager
 
 
 class _timed:

@@ -63,7 +63,7 @@ def test_lossless_video_is_bit_exact_to_the_runners_frames(real_server, tiny_mod
         lossless=True,
     )
     with real_server.client() as http:
-        fields = {k: v for k, v in params.__dict__.items() if k not in ("preset", "loras")}
+        fields = {k: v for k, v in params.__dict__.items() if k not in ("preset", "loras", "image")}
         response = http.post("/generate", json=fields)
     assert response.status_code == 200, response.text
     expected = ModelRunner.from_checkpoint(tiny_model_dir).generate(params).frames

@@ -7,11 +7,12 @@ from serve.engine.executor import Executor
 from serve.engine.scheduler import Scheduler, SchedulerConfig
 from serve.worker.factory import WorkerArgs
 from tests.engine.fake_runner import FACTORY
+from tests.requests import tokens
 
 
 def make_core(model_dir: str, factory: str = FACTORY, workers: int = 1, **scheduler) -> EngineCore:
     args = [WorkerArgs(model_dir, runner_factory=factory, calibrate=False) for _ in range(workers)]
-    return EngineCore(Executor(args, start_timeout_s=30), Scheduler(SchedulerConfig(**scheduler), workers))
+    return EngineCore(Executor(args, start_timeout_s=30), Scheduler(SchedulerConfig(**scheduler), workers, tokens))
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """A ModelRunner stand-in for engine and API tests: no torch, deterministic frames, scripted faults.
 
-It has the real runner's step-level interface (start, experts_of, denoise_step, finish), so a
-test drives the real worker process, pipe and scheduler. The prompt scripts the behaviour:
+It implements the same `Runner` protocol as the real runner (serve/worker/runner.py): start,
+experts_of, denoise_step, decode_chunks, counters, calibrate. So a test drives the real worker
+process, pipe, scheduler and the production decode path (chunks streamed into MP4 encoders).
+The prompt scripts the behaviour:
   "raise"         a denoising step raises (a per-batch failure; the worker survives)
   "encode-raise"  text encoding raises
   "exit"          the worker process dies at the request's second step
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,7 +74,20 @@ class FakeRunner:
                 time.sleep(float(prompt.split(":", 1)[1]) / s.params.num_inference_steps)
             s.step += 1
 
-    def finish(self, state: FakeState) -> np.ndarray:
+    def decode_chunks(self, states: list[FakeState]) -> Iterator[np.ndarray]:
+        """The batch's frames in the chunks a causal VAE yields: the first frame, then four at a time."""
+        videos = np.stack([self._frames(s) for s in states])
+        for start in range(0, videos.shape[1], 4):
+            yield videos[:, max(0, start - 3) : start + 1]
+
+    def counters(self, state: FakeState) -> dict[str, int]:
+        return {}
+
+    def calibrate(self) -> list[tuple[int, int, float]]:
+        return []
+
+    @staticmethod
+    def _frames(state: FakeState) -> np.ndarray:
         frames = fake_frames(state.params)
         return frames[:, :8] if state.params.prompt == "bad-shape" else frames
 

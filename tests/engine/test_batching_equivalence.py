@@ -9,6 +9,7 @@ import torch
 from serve.engine.request import GenerationParams, Request
 from serve.engine.scheduler import Scheduler, SchedulerConfig, UnitResult
 from serve.worker.model_runner import ModelRunner
+from tests.requests import tokens
 
 ATOL = 2e-5
 
@@ -43,7 +44,7 @@ def test_a_request_batched_with_others_at_different_steps_matches_it_alone(tiny_
     target = params(seed=5, prompt="a red square moving left")
     alone = runner.decode_float(target)
 
-    scheduler = Scheduler(SchedulerConfig(max_batch_size=4, expert_policy="fcfs"), 1)
+    scheduler = Scheduler(SchedulerConfig(max_batch_size=4, expert_policy="fcfs"), 1, tokens)
     worker = InProcessWorker(runner)
     others = [params(seed=10 + i, prompt=f"a blue disc {i}", guidance=3.0 + i) for i in range(3)]
     arrivals = {0: others[0], 2: others[1], 3: target, 5: others[2]}  # iteration -> request joining

@@ -5,7 +5,6 @@ import sys
 
 import pytest
 
-from serve.engine.batch_key import latent_tokens
 from serve.engine.cost_model import CostModel
 from serve.engine.request import GenerationParams, Request, RequestStatus
 from serve.engine.scheduler import (
@@ -17,6 +16,7 @@ from serve.engine.scheduler import (
     WorkUnit,
 )
 from tests.engine.fake_runner import fake_experts
+from tests.requests import tokens
 
 
 def params(steps: int = 4, height: int = 64, cfg: bool = True, seed: int = 0) -> GenerationParams:
@@ -62,7 +62,7 @@ def test_scheduler_request_and_batch_key_import_no_torch():
 
 
 def test_requests_are_served_first_come_first_served():
-    s = Scheduler(SchedulerConfig(max_running_per_worker=1), 1)
+    s = Scheduler(SchedulerConfig(max_running_per_worker=1), 1, tokens)
     rs = [add(s, params(seed=i), at=i) for i in range(4)]
     units = run(s)
     encode_order = [u.request_ids[0] for u in units if u.kind == "encode"]
@@ -72,7 +72,7 @@ def test_requests_are_served_first_come_first_served():
 
 
 def test_each_request_runs_every_step_once_in_order_of_its_experts():
-    s = Scheduler(SchedulerConfig(), 1)
+    s = Scheduler(SchedulerConfig(), 1, tokens)
     r = add(s, params(steps=5), at=0)
     units = run(s)
     steps = [u.expert for u in units if u.kind == "denoise"]
@@ -80,7 +80,7 @@ def test_each_request_runs_every_step_once_in_order_of_its_experts():
 
 
 def test_no_batch_mixes_keys_or_experts_and_batches_do_form():
-    s = Scheduler(SchedulerConfig(max_batch_size=3, max_running_per_worker=12), 1)
+    s = Scheduler(SchedulerConfig(max_batch_size=3, max_running_per_worker=12), 1, tokens)
     mix = [params(steps=4), params(steps=6), params(height=32), params(cfg=False)]
     requests = {add(s, mix[i % 4], at=i).request_id: mix[i % 4] for i in range(12)}
     seen_steps = {rid: 0 for rid in requests}
@@ -101,17 +101,17 @@ def s_key(p: GenerationParams):
 
 
 def run_all_units(mix):
-    s = Scheduler(SchedulerConfig(max_batch_size=3, max_running_per_worker=12), 1)
+    s = Scheduler(SchedulerConfig(max_batch_size=3, max_running_per_worker=12), 1, tokens)
     for i in range(12):
         add(s, mix[i % 4], at=i)
     return [u for u in run(s) if u.kind == "denoise"]
 
 
 def test_predicted_cost_caps_the_batch():
-    s = Scheduler(SchedulerConfig(max_batch_size=8, max_batch_cost_s=1.0), 1)
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_batch_cost_s=1.0), 1, tokens)
     s.cost = CostModel(overhead_s=0.1, per_token_s=0.0, per_token2_s=0.0)
-    one = s.cost.batch_step_s(latent_tokens(64, 64, 9), True, 1)
-    s.cost = CostModel(overhead_s=0.1, per_token_s=0.3 / (2 * latent_tokens(64, 64, 9)), per_token2_s=0.0)
+    one = s.cost.batch_step_s(tokens(64, 64, 9), True, 1)
+    s.cost = CostModel(overhead_s=0.1, per_token_s=0.3 / (2 * tokens(64, 64, 9)), per_token2_s=0.0)
     assert one == pytest.approx(0.1)
     for i in range(6):
         add(s, params(), at=i)
@@ -123,7 +123,7 @@ def test_predicted_cost_caps_the_batch():
 def staggered_two_expert_workload(policy: str) -> Scheduler:
     """Requests arriving one every two steps, so at any time some need the high-noise expert
     and others the low-noise one."""
-    s = Scheduler(SchedulerConfig(expert_policy=policy, max_batch_size=1, max_wait_s=1000), 1)
+    s = Scheduler(SchedulerConfig(expert_policy=policy, max_batch_size=1, max_wait_s=1000), 1, tokens)
     now = 0.0
     pending = [params(steps=8, seed=i) for i in range(6)]
     while pending or s.requests:
@@ -142,7 +142,7 @@ def test_min_swap_order_makes_fewer_expert_swaps_than_fcfs():
 
 
 def test_min_swap_still_serves_an_old_request_within_the_wait_bound():
-    s = Scheduler(SchedulerConfig(expert_policy="min-swap", max_batch_size=1, max_wait_s=5), 1)
+    s = Scheduler(SchedulerConfig(expert_policy="min-swap", max_batch_size=1, max_wait_s=5), 1, tokens)
     old = add(s, params(steps=2), at=0)  # one high step, one low step
     run(s, until=lambda units: old.step == 1)  # old is now waiting for the low-noise expert
     last_served = old.last_scheduled
@@ -158,7 +158,7 @@ def test_min_swap_still_serves_an_old_request_within_the_wait_bound():
 
 
 def test_cancellation_takes_effect_at_the_next_step_boundary_and_frees_the_worker():
-    s = Scheduler(SchedulerConfig(), 2)
+    s = Scheduler(SchedulerConfig(), 2, tokens)
     r = add(s, params(steps=4), at=0)
     run(s, workers=2, until=lambda units: r.step == 1)
     out = s.schedule([0, 1], now=10)
@@ -172,7 +172,7 @@ def test_cancellation_takes_effect_at_the_next_step_boundary_and_frees_the_worke
 
 
 def test_waiting_request_cancelled_leaves_the_queue():
-    s = Scheduler(SchedulerConfig(), 1)
+    s = Scheduler(SchedulerConfig(), 1, tokens)
     r = add(s, params(), at=0)
     s.abort(r.request_id)
     out = s.schedule([], now=1)
@@ -180,7 +180,7 @@ def test_waiting_request_cancelled_leaves_the_queue():
 
 
 def test_request_past_its_deadline_fails_with_a_reason():
-    s = Scheduler(SchedulerConfig(), 1)
+    s = Scheduler(SchedulerConfig(), 1, tokens)
     r = add(s, params(steps=10), at=0)
     r.deadline = 3.0
     run(s, until=lambda units: len(units) >= 3)
@@ -189,7 +189,7 @@ def test_request_past_its_deadline_fails_with_a_reason():
 
 
 def test_requests_stay_on_their_worker_and_new_ones_go_to_the_least_loaded():
-    s = Scheduler(SchedulerConfig(max_batch_size=1), 2)
+    s = Scheduler(SchedulerConfig(max_batch_size=1), 2, tokens)
     rs = [add(s, params(steps=6, seed=i), at=i) for i in range(4)]
     units = run(s, workers=2)
     for r in rs:
@@ -198,7 +198,7 @@ def test_requests_stay_on_their_worker_and_new_ones_go_to_the_least_loaded():
 
 
 def test_worker_death_fails_only_the_requests_it_held():
-    s = Scheduler(SchedulerConfig(max_running_per_worker=1), 2)
+    s = Scheduler(SchedulerConfig(max_running_per_worker=1), 2, tokens)
     a, b, c = (add(s, params(seed=i), at=i) for i in range(3))
     s.schedule([0, 1], now=0)
     ended = s.update_from_output([WorkerDied(a.worker, "worker process died")])
@@ -207,7 +207,7 @@ def test_worker_death_fails_only_the_requests_it_held():
 
 
 def test_queue_is_bounded():
-    s = Scheduler(SchedulerConfig(max_queue=2), 1)
+    s = Scheduler(SchedulerConfig(max_queue=2), 1, tokens)
     add(s, params(), at=0)
     add(s, params(), at=1)
     with pytest.raises(QueueFullError):
@@ -215,7 +215,7 @@ def test_queue_is_bounded():
 
 
 def test_eta_grows_with_the_work_ahead():
-    s = Scheduler(SchedulerConfig(max_running_per_worker=1), 1)
+    s = Scheduler(SchedulerConfig(max_running_per_worker=1), 1, tokens)
     s.cost = CostModel(overhead_s=0.5, per_token_s=0.0, per_token2_s=0.0)
     rs = [add(s, params(steps=4, seed=i), at=i) for i in range(3)]
     etas = [s.eta_s(r.request_id) for r in rs]
@@ -231,7 +231,7 @@ def test_cost_model_fit_recovers_known_coefficients():
 
 
 def test_a_dead_worker_does_not_look_least_loaded():
-    s = Scheduler(SchedulerConfig(max_batch_size=1), 2)
+    s = Scheduler(SchedulerConfig(max_batch_size=1), 2, tokens)
     busy = add(s, params(steps=20), at=0)
     out = s.schedule([0], now=0)  # worker 1 is down (not offered): busy goes to worker 0
     assert busy.worker == 0

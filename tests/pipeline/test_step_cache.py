@@ -7,9 +7,10 @@ from functools import partial
 import pytest
 import torch
 
+from models.wan.step_cache import cached_forward
 from serve.engine.request import GenerationParams
 from serve.loader import load_component
-from serve.pipeline.step_cache import StepCache, cached_forward
+from serve.pipeline.step_cache import StepCache
 from serve.worker.model_runner import ModelRunner
 from tests.requests import make_params
 

@@ -1,0 +1,104 @@
+"""The engine/worker boundary: frozen, typed messages. Torch-free (the API process imports them).
+
+    engine -> worker   EncodeUnit | StepUnit | DecodeUnit   (answered by one UnitReport each)
+                       Free | Shutdown                       (no answer)
+    worker -> engine   Ready | LoadFailed                    (once, after loading)
+                       UnitReport
+
+Only ids, params and small reports cross; latents and conditioning images' latents never leave
+the worker, and a decode answers with the finished MP4s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from serve.engine.request import GenerationParams
+
+
+@dataclass(frozen=True)
+class EncodeUnit:
+    """Text-encode these requests in one batch, prepare their latents (and image conditioning)."""
+
+    unit_id: int
+    requests: tuple[tuple[str, GenerationParams], ...]
+
+
+@dataclass(frozen=True)
+class StepUnit:
+    """One denoising step for each request, in one forward pass of `expert`."""
+
+    unit_id: int
+    request_ids: tuple[str, ...]
+    expert: int
+
+
+@dataclass(frozen=True)
+class DecodeUnit:
+    """VAE-decode these same-shaped finished requests, streaming each into its MP4."""
+
+    unit_id: int
+    request_ids: tuple[str, ...]
+
+
+Unit = EncodeUnit | StepUnit | DecodeUnit
+
+
+@dataclass(frozen=True)
+class Free:
+    """Drop these requests' state (cancelled or expired between steps)."""
+
+    request_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+@dataclass(frozen=True)
+class Ready:
+    device: str
+    dtype: str
+    cost_samples: tuple[tuple[int, int, float], ...] = ()
+    """(tokens, rows, seconds) of timed warmup steps, for the scheduler's cost model."""
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    reason: str
+
+
+@dataclass(frozen=True)
+class UnitReport:
+    """The outcome of one unit: per-request failures, and what the scheduler or client needs."""
+
+    unit_id: int
+    failed: dict[str, str] = field(default_factory=dict)
+    experts: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Encode: the expert index of each step of each request."""
+    mp4: dict[str, bytes] = field(default_factory=dict)
+    """Decode: each finished request's video."""
+    mp4_s: float = 0.0
+    elapsed_s: float = 0.0
+    counters: dict[str, int] = field(default_factory=dict)
+    """Decode: e.g. step-cache skipped/computed steps of the finished requests."""
+
+
+def unit_message(
+    kind: str,
+    unit_id: int,
+    request_ids: tuple[str, ...],
+    expert: int | None = None,
+    params: tuple[tuple[str, GenerationParams], ...] = (),
+) -> Unit:
+    """The message for a scheduler work unit of `kind` (encode needs `params`, denoise `expert`)."""
+    if kind == "encode":
+        return EncodeUnit(unit_id, params)
+    if kind == "denoise":
+        if expert is None:
+            raise ValueError("a denoise unit names its expert")
+        return StepUnit(unit_id, request_ids, expert)
+    if kind == "decode":
+        return DecodeUnit(unit_id, request_ids)
+    raise ValueError(f"unknown unit kind {kind!r}")
