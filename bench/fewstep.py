@@ -18,11 +18,12 @@ from pathlib import Path
 
 from models.tiny import checkpoint_or_tiny
 from serve.engine.request import GenerationParams
+from serve.sampling.presets import apply_preset
 from serve.worker.model_runner import ModelRunner
 
 
 def params(args, preset: str | None) -> GenerationParams:
-    return GenerationParams(
+    return apply_preset(GenerationParams(
         prompt="a red square moving left over the sea",
         negative_prompt="blurry, static",
         height=args.height,
@@ -34,7 +35,7 @@ def params(args, preset: str | None) -> GenerationParams:
         guidance_scale_2=3.0,
         seed=0,
         preset=preset,
-    )
+    ))  # fmt: skip
 
 
 def report(args, model: Path) -> None:

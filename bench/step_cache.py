@@ -20,6 +20,7 @@ import torch
 
 from models.tiny import checkpoint_or_tiny
 from serve.engine.request import GenerationParams
+from serve.sampling.presets import apply_preset
 from serve.worker.model_runner import ModelRunner
 
 
@@ -30,10 +31,10 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def report(args, model: Path) -> None:
     runner = ModelRunner.from_checkpoint(model)
-    p = GenerationParams(
+    p = apply_preset(GenerationParams(
         "a red square moving left over the sea", "blurry, static", args.height, args.width, args.frames, 16,
         args.steps, 4.0, 3.0, seed=0, preset=args.preset,
-    )  # fmt: skip
+    ))  # fmt: skip
     runner.decode_float(p)  # warm-up
     start = time.perf_counter()
     reference = runner.decode_float(p)

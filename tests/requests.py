@@ -6,6 +6,7 @@ from pathlib import Path
 
 from models.wan.spec import WanSpec
 from serve.engine.request import GenerationParams
+from serve.sampling.presets import apply_preset
 
 # The tiny checkpoints' geometry (Wan2.1 VAE 4x8x8, patch 1x2x2), for scheduler tests that have
 # no checkpoint: `tokens` is the scheduler's token counter there.
@@ -27,5 +28,6 @@ BASE = dict(
 
 
 def make_params(**overrides) -> GenerationParams:
-    """Small, CFG on, both experts used; `overrides` change any field."""
-    return GenerationParams(**(BASE | overrides))
+    """Small, CFG on, both experts used; `overrides` change any field. Resolved as the API
+    resolves a request: a preset's steps, sampler and guidance replace the fields it fixes."""
+    return apply_preset(GenerationParams(**(BASE | overrides)))

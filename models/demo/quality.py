@@ -152,12 +152,13 @@ def runner_generate(runner, **overrides) -> Generate:
     from serve.api.params import fill_defaults
     from serve.api.schemas import GenerateRequest
     from serve.engine.request import GenerationParams
+    from serve.sampling.presets import apply_preset
 
     spec: WanSpec = runner.spec
 
     def generate(prompt: str, seed: int) -> np.ndarray:
         values = fill_defaults(GenerateRequest(prompt=prompt, seed=seed, **overrides), spec)
-        return runner.generate(GenerationParams(**values)).frames
+        return runner.generate(apply_preset(GenerationParams(**values))).frames
 
     return generate
 

@@ -18,7 +18,6 @@ from serve.engine.executor import Executor, UnitOutcome
 from serve.engine.metrics import EngineMetrics
 from serve.engine.request import GenerationParams, Request, RequestStatus
 from serve.engine.scheduler import QueueFullError, Scheduler, WorkerDied, WorkUnit
-from serve.sampling.presets import apply_preset
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +105,11 @@ class EngineCore:
         self.executor.stop()
 
     def add_request(self, params: GenerationParams) -> tuple[str, Future[GenerationResult]]:
-        """Enqueue or refuse at once (QueueFull, EngineUnavailable): admission never waits."""
+        """Enqueue or refuse at once (QueueFull, EngineUnavailable): admission never waits.
+        `params` are resolved (defaults filled, preset applied: see serve/api/params.py)."""
         if self._down_reason is not None:
             raise EngineUnavailable(self._down_reason)
-        request, future = Request(apply_preset(params)), Future()
+        request, future = Request(params), Future()
         request.deadline = request.arrival_time + self.request_timeout_s
         with self._lock:
             try:

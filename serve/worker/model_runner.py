@@ -108,7 +108,8 @@ class ModelRunner:
     def start(self, params_list: list[GenerationParams]) -> list[RequestState]:
         """Text-encode a batch of requests in one pass, draw each one's initial latents and
         prepare its conditioning."""
-        params_list = [apply_preset(p) for p in params_list]  # a preset fixes steps and turns CFG off
+        for p in params_list:
+            check_resolved(p)
         prompts = [p.prompt for p in params_list]
         negatives = [p.negative_prompt for p in params_list if p.uses_cfg]
         with self.residency.encoding() if self.residency else contextlib.nullcontext():
@@ -212,6 +213,14 @@ class ModelRunner:
     def _guidance_for(self, params: GenerationParams, expert: int) -> float:
         """Each expert has its own scale; CFG on/off follows the high-noise scale, as in diffusers."""
         return params.guidance_scale if expert == 0 else params.guidance_scale_2
+
+
+def check_resolved(params: GenerationParams) -> None:
+    """A preset is applied once, where the request is resolved (API, CLI); the runner only checks,
+    because a preset request that still carries the client's steps and guidance would run a
+    different schedule than the one the scheduler planned."""
+    if params.preset is not None and apply_preset(params) != params:
+        raise ValueError(f"request with preset {params.preset!r} reached the runner unresolved; apply_preset first")
 
 
 class _timed:
