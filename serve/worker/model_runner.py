@@ -193,7 +193,7 @@ class ModelRunner:
         with _timed(timings, "denoise"):
             self._run_steps(state, on_step)
         with _timed(timings, "decode"):
-            frames = to_uint8(self.decode(self.model.final_latents(state)))
+            frames = to_uint8(self.final_frames(state))
         counters = {f"step_cache_{name}": value for name, value in self.counters(state).items()}
         return GenerationOutput(frames=frames, timings=timings, counters=counters)
 
@@ -201,6 +201,10 @@ class ModelRunner:
         """Float frames in [0, 1] before 8-bit rounding: what the oracle tests compare."""
         (state,) = self.start([params])
         self._run_steps(state, None)
+        return self.final_frames(state)
+
+    def final_frames(self, state: RequestState) -> torch.Tensor:
+        """Float frames in [0, 1], (F, H, W, 3), of a request whose steps are done."""
         return self.decode(self.model.final_latents(state))
 
     def _run_steps(self, state: RequestState, on_step: StepCallback | None) -> None:

@@ -4,11 +4,16 @@ Tolerance: the oracle's (tests/pipeline/test_oracle.py), 2e-5 on frames in [0, 1
 forward does the same per-row arithmetic; only BLAS blocking may differ, measured ~1e-6.
 """
 
+import dataclasses
+
+import pytest
 import torch
 
+from models.tiny import write_tiny_checkpoint
 from serve.engine.request import GenerationParams, Request
 from serve.engine.scheduler import Scheduler, SchedulerConfig, UnitResult
 from serve.worker.model_runner import ModelRunner
+from tests.models.wan.reference import make_condition_image
 from tests.requests import tokens
 
 ATOL = 2e-5
@@ -35,18 +40,42 @@ class InProcessWorker:
             self.runner.denoise_step(batch, unit.expert)
             return UnitResult(unit)
         for rid in unit.request_ids:
-            self.frames[rid] = self.runner.decode(self.states.pop(rid).latents)
+            self.frames[rid] = self.runner.final_frames(self.states.pop(rid))
         return UnitResult(unit)
 
 
 def test_a_request_batched_with_others_at_different_steps_matches_it_alone(tiny_model_dir):
     runner = ModelRunner.from_checkpoint(tiny_model_dir)
     target = params(seed=5, prompt="a red square moving left")
-    alone = runner.decode_float(target)
+    others = [params(seed=10 + i, prompt=f"a blue disc {i}", guidance=3.0 + i) for i in range(3)]
+    run_staggered_and_compare(runner, target, others)
 
+
+@pytest.mark.parametrize(
+    ("layout", "width", "text_only"),
+    # TI2V: sizes are multiples of 32 (16x VAE, patch 2); a text-only request shares the image requests' batches
+    [("i2v-a14b", 48, ()), ("ti2v-5b", 64, (1,))],
+)
+def test_image_requests_batched_at_different_steps_match_each_alone(tmp_path, layout, width, text_only):
+    runner = ModelRunner.from_checkpoint(write_tiny_checkpoint(tmp_path / layout, layout=layout))
+    colours = [(230, 40, 40), (40, 230, 40), (40, 40, 230), (230, 230, 40)]
+    requests = [
+        dataclasses.replace(
+            params(seed=5 + i, prompt=f"a disc {i}", guidance=3.0 + i),
+            width=width,
+            image=None if i in text_only else make_condition_image(width, 64, square_rgb=colour),
+        )
+        for i, colour in enumerate(colours)
+    ]
+    run_staggered_and_compare(runner, requests[2], requests[:2] + requests[3:])
+
+
+def run_staggered_and_compare(runner: ModelRunner, target: GenerationParams, others: list[GenerationParams]) -> None:
+    """Requests join the scheduler at different iterations, so batches hold requests at different
+    steps; every decoded video must equal the same request run alone."""
+    alone = runner.decode_float(target)
     scheduler = Scheduler(SchedulerConfig(max_batch_size=4, expert_policy="fcfs"), 1, tokens)
     worker = InProcessWorker(runner)
-    others = [params(seed=10 + i, prompt=f"a blue disc {i}", guidance=3.0 + i) for i in range(3)]
     arrivals = {0: others[0], 2: others[1], 3: target, 5: others[2]}  # iteration -> request joining
     ids = {}
     for now in range(200):
