@@ -126,7 +126,13 @@ def _build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out_dir", type=Path)
     tiny.add_argument("--size", default="tiny", help="tiny (tests) or bench (about 300 MB, for benchmarks)")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--wan21", action="store_true", help="one transformer, no boundary (Wan2.1 layout)")
+    tiny.add_argument(
+        "--layout",
+        default=None,
+        choices=("t2v-a14b", "i2v-a14b", "ti2v-5b", "t2v-wan21"),  # models.tiny.LAYOUTS (kept torch-free here)
+        help="which repo's diffusers layout to mirror (default t2v-a14b)",
+    )
+    tiny.add_argument("--wan21", action="store_true", help="same as --layout t2v-wan21 (one transformer, no boundary)")
     return parser
 
 
@@ -325,7 +331,10 @@ def cmd_inspect(args) -> int:
 def cmd_tiny(args) -> int:
     from models.tiny import write_tiny_checkpoint
 
-    out = write_tiny_checkpoint(args.out_dir, size=args.size, seed=args.seed, two_experts=not args.wan21)
+    if args.wan21 and args.layout not in (None, "t2v-wan21"):
+        raise ValueError(f"--wan21 means --layout t2v-wan21, not {args.layout}; give one of them")
+    layout = args.layout or ("t2v-wan21" if args.wan21 else "t2v-a14b")
+    out = write_tiny_checkpoint(args.out_dir, size=args.size, seed=args.seed, layout=layout)
     print(f"wrote tiny checkpoint to {out}")
     return 0
 
