@@ -7,20 +7,23 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic.json_schema import models_json_schema
 
-from models.wan.spec import read_spec
-from serve.api.body_limit import BodyLimitMiddleware
+from models.wan.spec import WanSpec, read_spec
+from serve.api.body_limit import MAX_BODY_BYTES, BodyLimitMiddleware
+from serve.api.images import image_body_bytes
 from serve.api.jobs import JobStore
 from serve.api.routes import generate_router, health_router
-from serve.api.schemas import ErrorResponse
-from serve.api.videos import videos_router
+from serve.api.schemas import ErrorResponse, GenerateRequest
+from serve.api.videos import VideoCreateRequest, videos_router
 from serve.config import ServerConfig
 from serve.engine.client import EngineClient, EngineUnavailable, GenerationFailed, QueueFull
 
 
-def create_app(config: ServerConfig, client: EngineClient | None = None) -> FastAPI:
+def create_app(config: ServerConfig, client: EngineClient | None = None, spec: WanSpec | None = None) -> FastAPI:
     """Build the app. `client` lets tests pass an engine with a fake runner; it is started and
-    stopped by the app's lifespan either way."""
+    stopped by the app's lifespan either way. `spec` replaces the one read from the checkpoint
+    (tests serve the tiny text-to-video checkpoint as an image-to-video model with it)."""
     engine = client or EngineClient(config)
 
     @asynccontextmanager
@@ -34,17 +37,46 @@ def create_app(config: ServerConfig, client: EngineClient | None = None) -> Fast
 
     app = FastAPI(title="reelserve", summary="Text-to-video serving for Wan2.2", lifespan=lifespan)
     app.state.engine = engine
-    app.state.spec = read_spec(config.model_dir)  # JSON only: the API process never loads weights
+    app.state.spec = spec or read_spec(config.model_dir)  # JSON only: the API process never loads weights
     app.state.limits = config.limits
     app.state.config = config
     app.state.model_name = config.model_dir.name
     app.state.jobs = JobStore(config.output_dir, config.max_stored_videos, config.video_ttl_s)
-    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES, route_limits=body_limits(app.state.spec, config))
     app.include_router(generate_router)
     app.include_router(videos_router)
     app.include_router(health_router)
     add_error_handlers(app)
+    document_bodies(app, GenerateRequest, VideoCreateRequest)
     return app
+
+
+def body_limits(spec: WanSpec, config: ServerConfig) -> dict[tuple[str, str], int]:
+    """Every body is refused over 1 MiB, except on the routes that take an `input_reference` when
+    the model takes an image: there base64 in JSON makes the largest image (`max_image_bytes`)
+    4/3 its size, and the other fields plus the JSON or multipart framing keep their 1 MiB on top
+    (`image_body_bytes`). A text-to-video model takes no image, so its routes stay at 1 MiB."""
+    if spec.image_input == "none":
+        return {}
+    limit = image_body_bytes(config.limits, MAX_BODY_BYTES)
+    return {("POST", "/generate"): limit, ("POST", "/v1/videos"): limit}
+
+
+def document_bodies(app: FastAPI, *models: type) -> None:
+    """Add the request models that handlers parse themselves (JSON or multipart, see
+    `routes.parse_body`) to the OpenAPI components their `requestBody` docs refer to."""
+    openapi = app.openapi
+
+    def with_bodies() -> dict:
+        if app.openapi_schema is None:
+            schema = openapi()
+            _, defs = models_json_schema(
+                [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        return app.openapi_schema
+
+    app.openapi = with_bodies
 
 
 def add_error_handlers(app: FastAPI) -> None:

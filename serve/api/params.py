@@ -1,5 +1,6 @@
 """Turn a `GenerateRequest` into `GenerationParams`: fill model defaults, enforce the configured
-limits (422 naming field and bound), round sizes the model cannot take and say so."""
+limits (422 naming field and bound), round sizes the model cannot take and say so, and fit an
+`input_reference` image to the final size."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 from fastapi.exceptions import RequestValidationError
 
 from models.wan.spec import WanSpec
+from serve.api.images import FIELD as IMAGE_FIELD
+from serve.api.images import ImageInputError, condition_image, reference_bytes
 from serve.api.schemas import GenerateRequest
 from serve.config import Limits
 from serve.engine.request import GenerationParams
@@ -42,14 +45,26 @@ def resolve(
     limits: Limits,
     default_preset: str | None = None,
     lora_dirs: tuple[Path, ...] = (),
+    image: bytes | None = None,
 ) -> ResolvedRequest:
+    """`image`: an `input_reference` uploaded as a file (multipart); otherwise it is read from
+    `body.input_reference` (base64)."""
     values = fill_defaults(body, spec)
     values["preset"] = values["preset"] or default_preset
     errors = limit_errors(values, limits, sent=body.model_fields_set) + preset_errors(values)
     errors += lora_errors(values["loras"], lora_dirs, len(spec.expert_names))
+    has_image = image is not None or body.input_reference is not None
+    errors += image_input_errors(has_image, spec)
     if errors:
         raise RequestValidationError(errors)
     adjustments = round_to_model(values, spec)
+    if has_image:  # after rounding: the image is fitted to the size the model will generate
+        try:
+            data = image if image is not None else reference_bytes(_base64_of(body.input_reference), limits)
+            values["image"], adjusted = condition_image(data, values["height"], values["width"], limits)
+        except ImageInputError as e:
+            raise e.error() from None
+        adjustments += [adjusted] if adjusted else []
     params = GenerationParams(**values)
     resolved = apply_preset(params)
     adjustments += [
@@ -77,6 +92,21 @@ def fill_defaults(body: GenerateRequest, spec: WanSpec) -> dict:
     values["preset"] = body.preset
     values["loras"] = tuple((ref.name, ref.scale) for ref in body.loras or ())
     return values
+
+
+def _base64_of(reference) -> str:
+    return reference if isinstance(reference, str) else reference.image_url
+
+
+def image_input_errors(has_image: bool, spec: WanSpec) -> list[dict]:
+    """Whether this model takes a conditioning image (`WanSpec.image_input`)."""
+    if has_image and spec.image_input == "none":
+        msg = f"{IMAGE_FIELD} is not accepted: this model (text-to-video) takes no image"
+        return [{"type": "value_error", "loc": ("body", IMAGE_FIELD), "msg": msg, "input": None}]
+    if not has_image and spec.image_input == "required":
+        msg = f"{IMAGE_FIELD} is required: this model (image-to-video) generates from a first-frame image"
+        return [{"type": "missing", "loc": ("body", IMAGE_FIELD), "msg": msg, "input": None}]
+    return []
 
 
 def lora_errors(loras: tuple[tuple[str, float], ...], lora_dirs: tuple[Path, ...], experts: int) -> list[dict]:

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Generic, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
 from models.wan.spec import WanSpec
+from serve.api.images import FIELD as IMAGE_FIELD
+from serve.api.images import ImageInputError, base64_chars
 from serve.api.params import ResolvedRequest, resolve
 from serve.api.schemas import ErrorResponse, GenerateRequest, HealthResponse
 from serve.config import Limits, ServerConfig
@@ -39,8 +47,88 @@ LimitsDep = Annotated[Limits, Depends(get_limits)]
 ConfigDep = Annotated[ServerConfig, Depends(get_config)]
 
 
-def resolve_request(body: GenerateRequest, spec: WanSpec, config: ServerConfig) -> ResolvedRequest:
-    return resolve(body, spec, config.limits, config.default_preset, config.lora_dirs)
+def resolve_request(
+    body: GenerateRequest, spec: WanSpec, config: ServerConfig, image: bytes | None = None
+) -> ResolvedRequest:
+    """Validate and fill `body`; an `input_reference` (uploaded `image`, or base64 in `body`) is
+    decoded and fitted here, so call it off the event loop (a large image takes a CPU-second)."""
+    return resolve(body, spec, config.limits, config.default_preset, config.lora_dirs, image=image)
+
+
+Model = TypeVar("Model", bound=BaseModel)
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+@dataclass(frozen=True)
+class ParsedBody(Generic[Model]):
+    fields: Model
+    image: bytes | None = None
+    """The raw bytes of an `input_reference` uploaded as a multipart file part."""
+
+
+async def parse_body(request: Request, model: type[Model], limits: Limits) -> ParsedBody[Model]:
+    """A JSON body, or multipart/form-data as the openai SDK sends it: text parts are coerced from
+    strings, and `input_reference` may be a file part. Errors are 422s shaped like FastAPI's."""
+    image = None
+    if request.headers.get("content-type", "").startswith(FORM_TYPES):
+        # A text part may carry the image as base64: allow that much, not Starlette's 1 MiB default.
+        form = await request.form(max_part_size=base64_chars(limits.max_image_bytes) + 1024)
+        data: object = {}
+        try:
+            for key, value in form.multi_items():
+                if key in data or (key == IMAGE_FIELD and image is not None):
+                    raise _field_error(key, f"{key} is given more than once", None)
+                if isinstance(value, str):
+                    data[key] = value
+                elif key == IMAGE_FIELD:
+                    image = await _read_upload(value, limits)
+                else:
+                    raise _field_error(key, f"{key} cannot be a file; only {IMAGE_FIELD} can", value.filename)
+        finally:
+            await form.close()
+        strict = False  # every form value is a string
+    else:
+        try:
+            data = await request.json()
+        except json.JSONDecodeError as e:  # FastAPI's own shape for a body it cannot decode
+            error = {"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error", "input": {}}
+            raise RequestValidationError([{**error, "ctx": {"error": e.msg}}]) from None
+        except ValueError:
+            raise _field_error("body", "the body must be JSON or multipart/form-data", None) from None
+        strict = None  # the model's own setting
+    try:
+        return ParsedBody(model.model_validate(data, strict=strict), image)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in errors]) from None
+
+
+async def _read_upload(upload: UploadFile, limits: Limits) -> bytes:
+    if upload.size is not None and upload.size > limits.max_image_bytes:  # before reading it back
+        raise ImageInputError(
+            f"{IMAGE_FIELD} is {upload.size} bytes; it must be at most {limits.max_image_bytes} bytes "
+            "(server limit max_image_bytes)",
+            "too_long",
+            limits.max_image_bytes,
+        ).error()
+    return await upload.read()
+
+
+def _field_error(field: str, message: str, value: object) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
+
+
+async def parse_generate_body(request: Request, limits: LimitsDep) -> ParsedBody[GenerateRequest]:
+    return await parse_body(request, GenerateRequest, limits)
+
+
+def request_body_docs(schema: str) -> dict:
+    """OpenAPI for a body parsed by `parse_body` (FastAPI sees no body parameter to document);
+    app.py adds the named schema to the components."""
+    form = {"type": "object", "required": ["prompt"], "additionalProperties": True}
+    form["properties"] = {"prompt": {"type": "string"}, IMAGE_FIELD: {"type": "string", "format": "binary"}}
+    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+    return {"requestBody": {"required": True, "content": {**content, "multipart/form-data": {"schema": form}}}}
 
 
 # The stages the worker reports, in pipeline order; Server-Timing lists them in this order.
@@ -59,13 +147,19 @@ health_router = APIRouter(tags=["health"])
         500: {"model": ErrorResponse, "description": "The worker failed this request"},
         503: {"model": ErrorResponse, "description": "The engine or its worker is down"},
     },
+    openapi_extra=request_body_docs("GenerateRequest"),
 )
 async def generate(
-    body: GenerateRequest, request: Request, engine: EngineDep, spec: SpecDep, config: ConfigDep
+    body: Annotated[ParsedBody[GenerateRequest], Depends(parse_generate_body)],
+    request: Request,
+    engine: EngineDep,
+    spec: SpecDep,
+    config: ConfigDep,
 ) -> Response:
-    """Generate one video and return it as `video/mp4`. A client that disconnects cancels it."""
+    """Generate one video and return it as `video/mp4`. A client that disconnects cancels it.
+    JSON, or multipart/form-data with `input_reference` as a file part."""
     start = time.perf_counter()
-    resolved = resolve_request(body, spec, config)
+    resolved = await run_in_threadpool(resolve_request, body.fields, spec, config, body.image)
     result = await until_disconnected(request, engine.generate(resolved.params))
     if result is None:
         return Response(status_code=499)  # nobody is listening; the request was cancelled

@@ -20,6 +20,16 @@ class LoraRef(BaseModel):
     scale: float = Field(1.0, ge=-10.0, le=10.0)
 
 
+class ImageReference(BaseModel):
+    """OpenAI's object form of `input_reference`. Only `image_url` as a base64 data URL is taken:
+    this server fetches no URLs and stores no files (`file_id`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+    image_url: str
+    """`data:image/png;base64,...` (PNG, JPEG or WebP); an http(s) URL is refused."""
+
+
 class GenerateRequest(BaseModel):
     """`POST /generate`. Every field but `prompt` is optional; absent ones take the model's defaults."""
 
@@ -55,6 +65,13 @@ class GenerateRequest(BaseModel):
     timesteps and turns guidance off; `X-Reelserve-Adjusted` says what it overrode."""
     loras: list[LoraRef] | None = None
     """LoRAs from the server's `--lora-dir`, applied to this request only."""
+    input_reference: str | ImageReference | None = None
+    """Image-to-video: the first frame, a PNG, JPEG or WebP file as base64 (bare, or a
+    `data:image/png;base64,...` URL) or a multipart file part. At most the server's
+    `max_image_bytes` (20 MiB by default; as base64, 4/3 of that in characters) and
+    `max_image_pixels` (4096x4096). It is centre-cropped to the video's aspect ratio and resized
+    to its size; `X-Reelserve-Adjusted` says so. URLs are refused, never fetched. Only for
+    models that take an image (I2V; TI2V optionally)."""
 
     @field_validator("prompt")
     @classmethod

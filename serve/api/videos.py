@@ -1,19 +1,30 @@
 """`/v1/videos`: the job API in the shape of the OpenAI Videos API (create, retrieve, list, content,
 delete), so the official `openai` client works against it. reelserve's own generation fields
-(num_frames, fps, steps, guidance, seed, negative_prompt, sampler) are accepted as extensions."""
+(num_frames, fps, steps, guidance, seed, negative_prompt, sampler) are accepted as extensions.
+`input_reference` (image-to-video) is a multipart file part, as the SDK sends it, or base64 in JSON."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from serve.api.jobs import JOB_STATUS, Job, JobStore
-from serve.api.routes import ConfigDep, EngineDep, SpecDep, resolve_request
+from serve.api.routes import (
+    ConfigDep,
+    EngineDep,
+    LimitsDep,
+    ParsedBody,
+    SpecDep,
+    parse_body,
+    request_body_docs,
+    resolve_request,
+)
 from serve.api.schemas import GenerateRequest
 
 videos_router = APIRouter(prefix="/v1/videos", tags=["videos"])
@@ -57,6 +68,10 @@ class VideoObject(BaseModel):
     """Requests ahead of this one in the queue (reelserve extension)."""
     eta_seconds: float | None = None
     """Predicted seconds until denoising ends, from the calibrated cost model (reelserve extension)."""
+    adjustments: list[str] | None = None
+    """What the server changed in the request, e.g. "height=70->64" or how `input_reference` was
+    cropped and resized (reelserve extension; in the create response only, as in the
+    `X-Reelserve-Adjusted` header of `POST /generate`)."""
 
 
 def get_jobs(request: Request) -> JobStore:
@@ -107,7 +122,7 @@ def _frames_for(seconds: object, fps: int, limits) -> int:
     return round(value * fps) + 1
 
 
-def video_object(job: Job, engine) -> VideoObject:
+def video_object(job: Job, engine, adjustments: tuple[str, ...] = ()) -> VideoObject:
     state = engine.request_state(job.id) if not job.done else None
     if state is not None:
         job.status, job.progress = JOB_STATUS[state["status"]], state["progress"]
@@ -126,53 +141,39 @@ def video_object(job: Job, engine) -> VideoObject:
         error=job.error,
         queue_position=None if state is None else state["queue_position"],
         eta_seconds=None if state is None or state["eta_s"] is None else round(state["eta_s"], 2),
+        adjustments=list(adjustments) or None,
     )
 
 
 def _json(video: VideoObject, status: int = 200) -> JSONResponse:
-    return JSONResponse(video.model_dump(), status_code=status, headers={"openai-poll-after-ms": POLL_AFTER_MS})
+    headers = {"openai-poll-after-ms": POLL_AFTER_MS}
+    if video.adjustments:
+        headers["X-Reelserve-Adjusted"] = "; ".join(video.adjustments)
+    return JSONResponse(video.model_dump(), status_code=status, headers=headers)
 
 
-async def parse_create_body(request: Request) -> VideoCreateRequest:
-    """JSON, or multipart/form-data as the openai SDK sends it (all values strings, coerced here)."""
-    if request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        form = await request.form()
-        data: object = {key: value for key, value in form.items() if isinstance(value, str)}
-        uploads = [key for key, value in form.items() if not isinstance(value, str)]
-        if uploads:
-            raise _field_error(uploads[0], "file inputs are not supported: this server does text-to-video", None)
-    else:
-        try:
-            data = await request.json()
-        except ValueError:
-            raise _field_error("body", "the body must be JSON or multipart/form-data", None) from None
-    try:
-        return VideoCreateRequest.model_validate(data)
-    except ValidationError as e:
-        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+async def parse_create_body(request: Request, limits: LimitsDep) -> ParsedBody[VideoCreateRequest]:
+    """JSON, or multipart/form-data as the openai SDK sends it (all values strings, coerced here;
+    `input_reference` a file part)."""
+    return await parse_body(request, VideoCreateRequest, limits)
 
 
-CreateBodyDep = Annotated[VideoCreateRequest, Depends(parse_create_body)]
+CreateBodyDep = Annotated[ParsedBody[VideoCreateRequest], Depends(parse_create_body)]
 
 
-@videos_router.post(
-    "",
-    openapi_extra={
-        "requestBody": {
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/VideoCreateRequest"}},
-                "multipart/form-data": {},
-            }
-        }
-    },
-)
+@videos_router.post("", openapi_extra=request_body_docs("VideoCreateRequest"))
 def create_video(
     body: CreateBodyDep, engine: EngineDep, jobs: JobsDep, spec: SpecDep, config: ConfigDep, model: ModelNameDep
 ) -> JSONResponse:
-    """Queue a generation; poll `GET /v1/videos/{id}`, then download `/content`."""
-    resolved = resolve_request(to_generate_request(body, model, spec, config.limits), spec, config)
+    """Queue a generation; poll `GET /v1/videos/{id}`, then download `/content`. (A sync handler:
+    FastAPI runs it in a thread, so decoding an `input_reference` does not block the event loop.)"""
+    fields = to_generate_request(body.fields, model, spec, config.limits)
+    resolved = resolve_request(fields, spec, config, body.image)
     request_id, future = engine.submit(resolved.params)
-    return _json(video_object(jobs.add(request_id, model, resolved.params, future), engine))
+    # The job keeps its params for as long as it is listed; the image went to the engine with the
+    # request and is not kept here (nor ever shown: VideoObject has no field for it).
+    stored = dataclasses.replace(resolved.params, image=None)
+    return _json(video_object(jobs.add(request_id, model, stored, future), engine, resolved.adjustments))
 
 
 @videos_router.get("")
