@@ -9,7 +9,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic.json_schema import models_json_schema
 
-from models.wan.spec import WanSpec, read_spec
+from models.registry import resolve
+from models.wan.spec import WanSpec
 from serve.api.body_limit import MAX_BODY_BYTES, BodyLimitMiddleware
 from serve.api.images import image_body_bytes
 from serve.api.jobs import JobStore
@@ -37,7 +38,7 @@ def create_app(config: ServerConfig, client: EngineClient | None = None, spec: W
 
     app = FastAPI(title="reelserve", summary="Text-to-video serving for Wan2.2", lifespan=lifespan)
     app.state.engine = engine
-    app.state.spec = spec or read_spec(config.model_dir)  # JSON only: the API process never loads weights
+    app.state.spec = spec or resolve(config.model_dir).spec  # JSON only: the API process never loads weights
     app.state.limits = config.limits
     app.state.config = config
     app.state.model_name = config.model_dir.name

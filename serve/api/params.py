@@ -167,13 +167,6 @@ def _error(name: str, kind: str, msg: str, value, limit) -> dict:
 
 
 def round_to_model(values: dict, spec: WanSpec) -> list[str]:
-    """Round down in place to sizes the model takes; return what changed."""
-    multiple, temporal = spec.spatial_multiple, spec.vae_scale_temporal
-    rounded = {
-        "height": max(multiple, values["height"] // multiple * multiple),
-        "width": max(multiple, values["width"] // multiple * multiple),
-        "num_frames": (values["num_frames"] - 1) // temporal * temporal + 1,
-    }
-    changes = [f"{name}={values[name]}->{new}" for name, new in rounded.items() if new != values[name]]
-    values.update(rounded)
-    return changes
+    """Round down in place to sizes the model takes (the spec knows its VAE strides and patch);
+    return what changed."""
+    return spec.round_size(values)
