@@ -24,10 +24,12 @@ class WanI2V(WanT2V):
         if params.image is None:
             raise ValueError("input_reference: this image-to-video model needs a conditioning image")
         latents = encode_condition(self.vae, params.image, params.num_frames, self.device)
-        state.condition = torch.cat([first_frame_mask(state.latents, self.spec.vae_scale_temporal), latents], dim=1)
+        mask = first_frame_mask(state.latents, self.spec.vae_scale_temporal)
+        state.conditioning = torch.cat([mask, latents], dim=1)  # (1, 4 + z, F', h, w)
 
     def model_input(self, state) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([state.latents, state.condition], dim=1), state.sampler.timesteps[state.step].reshape(1)
+        hidden = torch.cat([state.latents, state.conditioning], dim=1)
+        return hidden, state.sampler.timesteps[state.step].reshape(1)
 
     def warmup_params(self, height: int, width: int, num_frames: int) -> GenerationParams:
         params = super().warmup_params(height, width, num_frames)

@@ -49,8 +49,7 @@ class RequestState:
     sampler: Sampler
     step: int = 0
     step_cache: StepCache | None = None  # this request's first-block cache (off unless configured)
-    condition: torch.Tensor | None = None  # the variant's conditioning (image latents), if any
-    mask: torch.Tensor | None = None  # the variant's conditioning mask, if any
+    conditioning: Any = None  # whatever the variant's `prepare` keeps besides the prompt (image latents)
 
 
 class ModelStages(Protocol):
