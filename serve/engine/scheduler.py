@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from serve.engine.batch_key import BatchKey, TokenCounter, batch_key
+from serve.engine.config import SchedulerConfig
 from serve.engine.cost_model import CostModel
 from serve.engine.request import Request, RequestStatus
 
@@ -30,23 +31,6 @@ class QueueFullError(Exception):
     def __init__(self, max_queue: int) -> None:
         super().__init__(f"the queue is full ({max_queue} requests waiting)")
         self.max_queue = max_queue
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_queue: int = 16
-    """Requests that may wait for a worker; one more is refused (HTTP 429)."""
-    max_batch_size: int = 8
-    """Most requests in one denoising step (CFG doubles the transformer's rows)."""
-    max_batch_cost_s: float | None = None
-    """Most predicted seconds for one batched step; None: only max_batch_size bounds a batch."""
-    max_running_per_worker: int = 8
-    """Requests whose latents one worker holds at once (admission stops there)."""
-    expert_policy: Literal["fcfs", "min-swap"] = "min-swap"
-    """`min-swap` keeps running the expert a worker last used while any batch needs it;
-    `fcfs` always serves the oldest request's batch."""
-    max_wait_s: float = 30.0
-    """Starvation bound under min-swap: a request idle this long is served next, whatever its expert."""
 
 
 @dataclass(frozen=True)

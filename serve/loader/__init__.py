@@ -3,8 +3,21 @@
 Typical use: `load_component("<model>/transformer", "cuda:0", torch.bfloat16)`.
 """
 
-from serve.loader.errors import CheckpointError
-from serve.loader.index import CheckpointIndex, TensorInfo, read_header
-from serve.loader.load import load_component
+# Exports load on first use (PEP 562): the package's torch-free config module
+# (`serve.loader.config`) must import without pulling torch into the API process.
+import importlib
 
-__all__ = ["CheckpointError", "CheckpointIndex", "TensorInfo", "load_component", "read_header"]
+_EXPORTS = {
+    "CheckpointError": "serve.loader.errors",
+    "CheckpointIndex": "serve.loader.index",
+    "TensorInfo": "serve.loader.index",
+    "load_component": "serve.loader.load",
+    "read_header": "serve.loader.index",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

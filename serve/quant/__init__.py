@@ -5,19 +5,26 @@ while streaming from disk; `QuantPolicy.parse("high=w8a8-int8,low=none")` gives 
 `serve.quant.convert.quantize_checkpoint` writes a pre-quantized checkpoint the loader reads directly.
 """
 
-from serve.quant.linear import Fp8Linear, Int8W8A8Linear, QuantLinear
-from serve.quant.schemes import DEFAULT_SKIP, SCHEMES, QuantConfig, QuantPolicy
-from serve.quant.swap import held_bytes, quantize_module, quantized_schemes
+# Exports load on first use (PEP 562): the package's torch-free config module
+# (`serve.quant.config`) must import without pulling torch into the API process.
+import importlib
 
-__all__ = [
-    "DEFAULT_SKIP",
-    "SCHEMES",
-    "Fp8Linear",
-    "Int8W8A8Linear",
-    "QuantConfig",
-    "QuantLinear",
-    "QuantPolicy",
-    "held_bytes",
-    "quantize_module",
-    "quantized_schemes",
-]
+_EXPORTS = {
+    "DEFAULT_SKIP": "serve.quant.schemes",
+    "Fp8Linear": "serve.quant.linear",
+    "Int8W8A8Linear": "serve.quant.linear",
+    "QuantConfig": "serve.quant.schemes",
+    "QuantLinear": "serve.quant.linear",
+    "QuantPolicy": "serve.quant.schemes",
+    "SCHEMES": "serve.quant.schemes",
+    "held_bytes": "serve.quant.swap",
+    "quantize_module": "serve.quant.swap",
+    "quantized_schemes": "serve.quant.swap",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

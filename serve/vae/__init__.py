@@ -1,6 +1,17 @@
 """Chunked + tiled + parallel VAE decode that streams frames (see decoder.py)."""
 
-from serve.vae.config import VaeDecodeConfig
-from serve.vae.decoder import ChunkedVaeDecoder
+# Exports load on first use (PEP 562): the package's torch-free config module
+# (`serve.vae.config`) must import without pulling torch into the API process.
+import importlib
 
-__all__ = ["ChunkedVaeDecoder", "VaeDecodeConfig"]
+_EXPORTS = {
+    "ChunkedVaeDecoder": "serve.vae.decoder",
+    "VaeDecodeConfig": "serve.vae.config",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
