@@ -1,16 +1,9 @@
 """`reelserve inspect DIR`: parameters, bytes per dtype and memory per residency mode, from headers only.
 
-Nothing here reads a weight: shapes and dtypes come from the safetensors headers
-(`CheckpointIndex`), and which layers quantize comes from the module built on the meta device
-from `config.json`. Held bytes follow the loader's rules: floats in bf16 except the modules the
-class keeps in fp32, the VAE in fp32 (the runner's choice), and with fp8/int8 one byte per weight of
-each quantizable expert linear (`serve.quant.swap.eligible_linears`) plus an fp32 scale per output row.
-
-Activation estimate (an estimate, not a measurement), for one request at the largest size:
-    tokens = latent_frames * (H / (vae_spatial * patch_h)) * (W / (vae_spatial * patch_w))
-    denoise = 2 rows (CFG: cond and uncond in one pass) * tokens * (6 * hidden + 2 * ffn) * 2 bytes
-      (x, normed x, q, k, v, attention out; FFN up and its GELU; flash attention: no tokens^2 matrix)
-    vae decode = vae_temporal * H * W * vae_base_dim * 4 bytes (fp32) * 4 (input, output, residual, causal cache)
+The numbers come from the planner's memory model (`serve.loader.memory_model`: what each component
+holds per weight dtype, and the activation estimate) and its candidates (`serve.loader.planner`);
+this module prints them, and writes header-only fixtures of the real Wan2.2 checkpoints for the
+tests and the README table.
 """
 
 from __future__ import annotations
@@ -21,115 +14,12 @@ import math
 import struct
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-WEIGHT_DTYPES = ("bf16", "fp8", "int8")
-GIB = 2**30
-GB = 10**9
-
-
-@dataclass(frozen=True)
-class ComponentStats:
-    """One component folder: what is on disk and what it holds on a device per weight dtype."""
-
-    name: str
-    params: int
-    disk_bytes: dict[str, int]
-    held: dict[str, int]
-    """weight dtype -> bytes when the whole component is on the device."""
-    block_held: dict[str, list[int]] = field(default_factory=dict)
-    """weight dtype -> bytes of each transformer block (experts only)."""
-    config: dict = field(default_factory=dict)
-
-    def nonblock(self, wdtype: str) -> int:
-        return self.held[wdtype] - sum(self.block_held.get(wdtype, []))
-
-    def max_block(self, wdtype: str) -> int:
-        return max(self.block_held.get(wdtype, [0]))
-
-
-@dataclass(frozen=True)
-class ModelStats:
-    root: str
-    experts: list[ComponentStats]
-    text_encoder: ComponentStats
-    vae: ComponentStats
-    vae_scale_spatial: int
-    vae_scale_temporal: int
-    patch_size: tuple[int, int, int]
-
-    def tokens(self, height: int, width: int, frames: int) -> int:
-        frames_lat = (frames - 1) // self.vae_scale_temporal + 1
-        s, (_, ph, pw) = self.vae_scale_spatial, self.patch_size
-        return frames_lat * (height // (s * ph)) * (width // (s * pw))
-
-    def activation_bytes(self, height: int, width: int, frames: int) -> int:
-        cfg = self.experts[0].config
-        hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-        return 2 * self.tokens(height, width, frames) * (6 * hidden + 2 * cfg["ffn_dim"]) * 2
-
-    def vae_decode_bytes(self, height: int, width: int) -> int:
-        base = self.vae.config.get("decoder_base_dim") or self.vae.config.get("base_dim", 96)
-        return self.vae_scale_temporal * height * width * base * 4 * 4
-
-
-def component_stats(component_dir: str | Path, kind: str) -> ComponentStats:
-    """Header-only statistics of one component; `kind` is expert, text_encoder or vae."""
-    import torch
-
-    from serve.loader.build import build_empty, read_component_config
-    from serve.loader.index import DTYPE_BYTES, CheckpointIndex
-    from serve.loader.load import fp32_module_names
-    from serve.quant.schemes import QuantConfig
-    from serve.quant.swap import eligible_linears
-
-    root = Path(component_dir)
-    component, config = read_component_config(root)
-    index = CheckpointIndex.from_dir(root)
-    module = build_empty(component, config)
-    keep = fp32_module_names(component, module, torch.bfloat16)
-    quantizable = {f"{n}.weight" for n in eligible_linears(module, QuantConfig("int8-wo"), keep)}
-    disk: dict[str, int] = {}
-    held = dict.fromkeys(WEIGHT_DTYPES, 0)
-    blocks: dict[str, list[int]] = {w: [0] * len(getattr(module, "blocks", [])) for w in WEIGHT_DTYPES}
-    for info in index.tensors.values():
-        disk[info.dtype] = disk.get(info.dtype, 0) + info.nbytes
-        for wdtype in WEIGHT_DTYPES:
-            nbytes = _held_bytes(info, kind, keep, wdtype, info.name in quantizable, DTYPE_BYTES)
-            held[wdtype] += nbytes
-            if kind == "expert" and info.name.startswith("blocks."):
-                blocks[wdtype][int(info.name.split(".")[1])] += nbytes
-    params = sum(math.prod(i.shape) for i in index.tensors.values())
-    return ComponentStats(root.name, params, disk, held, blocks if kind == "expert" else {}, config)
-
-
-def _held_bytes(info, kind: str, keep: frozenset[str], wdtype: str, quantizable: bool, sizes: dict) -> int:
-    numel = math.prod(info.shape)
-    if not info.dtype.startswith(("F", "BF")):
-        return numel * sizes.get(info.dtype, 1)  # integer tensors keep their stored dtype
-    if kind == "vae" or keep.intersection(info.name.split(".")):
-        return numel * 4
-    if kind == "expert" and wdtype != "bf16" and quantizable:
-        return numel + info.shape[0] * 4  # 1-byte weight + one fp32 scale per output channel
-    return numel * 2
-
-
-def model_stats(model_dir: str | Path) -> ModelStats:
-    from models.wan.spec import read_spec
-
-    spec = read_spec(model_dir)  # experts, VAE strides and patch size, read as the engine reads them
-    root = spec.model_dir
-    return ModelStats(
-        str(root),
-        [component_stats(root / n, "expert") for n in spec.expert_names],
-        component_stats(root / "text_encoder", "text_encoder"),
-        component_stats(root / "vae", "vae"),
-        spec.vae_scale_spatial,
-        spec.vae_scale_temporal,
-        spec.patch_size,
-    )
-
+from serve.cli_flags import add_flags, flags, given_values
+from serve.loader.config import MemoryConfig
+from serve.loader.memory_model import GB, GIB, WEIGHT_DTYPES, ModelStats, model_stats
 
 # ---- header-only fixtures of the real checkpoints (tests and the README table) -------------------
 
@@ -263,8 +153,6 @@ def readme_table(prefetch_blocks: int = 1) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from serve.loader.planner import budget_from_args, candidates
-
     parser = argparse.ArgumentParser(prog="reelserve inspect", description=__doc__.split("\n")[0])
     parser.add_argument("model_dir", nargs="?", type=Path)
     parser.add_argument("--table", action="store_true", help="print the README table for the reference models")
@@ -272,11 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     add_memory_args(parser)
     args = parser.parse_args(argv)
     if args.table:
-        print(readme_table(args.prefetch_blocks))
+        print(readme_table(memory_config(args).prefetch_blocks))
         return 0
     if args.model_dir is None:
         parser.error("give a checkpoint directory (or --table)")
-    return run_inspect(args, budget_from_args, candidates)
+    return run_inspect(args)
 
 
 def add_inspect_args(p: argparse.ArgumentParser) -> None:
@@ -286,11 +174,14 @@ def add_inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def run_inspect(args, budget_from_args, candidates) -> int:
+def run_inspect(args) -> int:
+    from serve.loader.planner import candidates, measure_budget
+
+    memory = memory_config(args)
     stats = model_stats(args.model_dir)
     size = (args.height, args.width, args.num_frames)
-    budget = budget_from_args(args, measure=False)
-    plans = candidates(stats, budget, size, args.prefetch_blocks)
+    budget = measure_budget(memory.vram, memory.ram, measure=False)
+    plans = candidates(stats, budget, size, memory.prefetch_blocks)
     if args.json:
         out = {"model": asdict(stats), "tokens": stats.tokens(*size), "plans": [asdict(p) for p in plans]}
         out["activation_bytes"] = stats.activation_bytes(*size)
@@ -304,14 +195,14 @@ def run_inspect(args, budget_from_args, candidates) -> int:
 
 
 def add_memory_args(p: argparse.ArgumentParser) -> None:
-    """The memory flags of `inspect`, `serve` and `generate` (torch-free: the CLI builds its parser
-    before it knows which command runs)."""
-    p.add_argument("--vram", default=None, help="device memory budget, e.g. 24GiB (default: measured free memory)")
-    p.add_argument("--ram", default=None, help="host memory budget, e.g. 64GiB (default: measured available RAM)")
-    p.add_argument("--memory-mode", default="auto", choices=("auto", "resident", "expert-swap", "block-offload"))
-    p.add_argument("--weights-dtype", default="bf16", choices=("bf16", "fp8", "int8"))
-    p.add_argument("--text-encoder-device", default="auto", choices=("auto", "device", "swap", "cpu"))
-    p.add_argument("--prefetch-blocks", type=int, default=1, help="block-offload: blocks loaded ahead (k)")
+    """The memory flags of `inspect`, generated from `MemoryConfig` as `serve` and `generate` generate
+    theirs (torch-free: the CLI builds its parser before it knows which command runs)."""
+    add_flags(p, MemoryConfig)
+
+
+def memory_config(args: argparse.Namespace) -> MemoryConfig:
+    """The memory flags given to `inspect` (a bad `--vram` fails here, naming the flag)."""
+    return MemoryConfig.model_validate(given_values(args, list(flags(MemoryConfig))))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,11 @@
-"""`reelserve serve | generate | inspect | tiny`: the command-line entry points."""
+"""`reelserve serve | generate | quantize | inspect | tiny`: the command-line entry points.
+
+The flags of `serve` and `generate` are generated from the config tree (`serve.config.ServerConfig`
+and its sub-configs, by `serve.cli_flags`): one flag per field, with the field's type, choices and
+docstring; a flag not given leaves the field's default. Two fields have a command line that is not
+one plain flag, and an adapter here: `workers.devices` (`--devices cuda:0,cuda:1` or `auto`,
+resolved at startup) and `lora.fused` (`--lora-high FILE --lora-high-scale S`, `--lora-low ...`).
+"""
 
 from __future__ import annotations
 
@@ -6,39 +13,73 @@ import argparse
 import sys
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16", "float16")
-# `reelserve serve --max-height 720` etc.; the 422 messages name these flags.
-LIMIT_FLAGS = (
-    "max_height",
-    "max_width",
-    "max_num_frames",
-    "max_num_inference_steps",
-    "max_prompt_chars",
-    "max_fps",
-    "max_guidance_scale",
+from serve.cli_flags import Adapter, Flag, add_flags, flag_label, given_values
+from serve.config import ServerConfig
+
+LORA_EXPERTS = ("high", "low")  # --lora-high: expert 0 (`transformer`), --lora-low: expert 1 (`transformer_2`)
+# `generate` runs one in-process runner: the model and runner flags of the tree, no server,
+# worker-pool or scheduler flags.
+GENERATE_FIELDS = (
+    ("model_dir",),
+    ("workers", "device"),
+    ("workers", "dtype"),
+    ("quant",),
+    ("lora",),
+    ("sampling",),
+    ("vae",),
+    ("memory",),
 )
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=Path, help="checkpoint directory in the diffusers layout")
-    p.add_argument("--device", default="cpu", help="torch device for the worker, e.g. cpu or cuda:0")
-    p.add_argument("--dtype", default=None, choices=DTYPES, help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
-    _add_quant_args(p, "--quant")
+def resolve_devices(spec: str) -> tuple[str, ...]:
+    """`auto`: every visible GPU, else one CPU worker; otherwise a comma-separated list."""
+    if spec != "auto":
+        return tuple(d.strip() for d in spec.split(",") if d.strip())
+    import torch
+
+    count = torch.cuda.device_count()
+    return tuple(f"cuda:{i}" for i in range(count)) or ("cpu",)
 
 
-def _add_quant_args(p: argparse.ArgumentParser, flag: str) -> None:
-    p.add_argument(
-        flag,
-        default=None,
-        help="per-expert quantization, e.g. w8a8-int8 (all experts) or high=w8a8-int8,low=none; "
-        "schemes: int8-wo, w8a8-int8, fp8-wo, w8a8-fp8, none",
-    )
-    p.add_argument(
-        "--quant-skip", action="append", default=[], help="regex of extra layers to keep unquantized (repeatable)"
-    )
+def _add_devices_flag(p: argparse.ArgumentParser, f: Flag) -> None:
+    p.add_argument(f.name, dest=f.dest, default=None, metavar=f.kwargs.get("metavar"), help=f.kwargs["help"])
 
 
-def quant_policy(text: str | None, skip: list[str], model_dir: Path):
+def _devices(args: argparse.Namespace) -> tuple[str, ...] | None:
+    return None if args.devices is None else resolve_devices(args.devices)
+
+
+def _add_fused_lora_flags(p: argparse.ArgumentParser, f: Flag) -> None:
+    for expert in LORA_EXPERTS:
+        p.add_argument(f"--lora-{expert}", type=Path, default=None, help=f"LoRA fused into the {expert}-noise expert")
+        p.add_argument(f"--lora-{expert}-scale", type=float, default=None, help="its scale (default: 1.0)")
+
+
+def _fused_loras(args: argparse.Namespace) -> tuple[dict, ...] | None:
+    fused = []
+    for expert, name in enumerate(LORA_EXPERTS):
+        path, scale = getattr(args, f"lora_{name}"), getattr(args, f"lora_{name}_scale")
+        if path is not None:
+            fused.append({"path": path, "expert": expert} | ({} if scale is None else {"scale": scale}))
+    return tuple(fused) or None
+
+
+ADAPTERS = {
+    ("workers", "devices"): Adapter(_add_devices_flag, _devices),
+    ("lora", "fused"): Adapter(_add_fused_lora_flags, _fused_loras, label="--lora-high/--lora-low"),
+}
+
+
+def _add_config_flags(p: argparse.ArgumentParser, only=None) -> None:
+    p.set_defaults(config_flags=add_flags(p, ServerConfig, ADAPTERS, only))
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig of the given flags (generate: the model and runner part, run in-process)."""
+    return ServerConfig.model_validate(given_values(args, args.config_flags, ADAPTERS))
+
+
+def quant_policy(text: str | None, skip: tuple[str, ...], model_dir: Path):
     """The `--quant` policy for the checkpoint's experts, or None; ValueError names a bad scheme or expert."""
     from models.wan.spec import read_spec
     from serve.quant.schemes import QuantPolicy
@@ -48,27 +89,12 @@ def quant_policy(text: str | None, skip: list[str], model_dir: Path):
     return QuantPolicy.parse(text, read_spec(model_dir).expert_names, tuple(skip))
 
 
-def _add_fewstep_args(p: argparse.ArgumentParser) -> None:
-    from serve.sampling.presets import PRESETS
+def _add_quantize_flags(p: argparse.ArgumentParser) -> None:
+    """`quantize` takes the tree's quantization flags, its policy named `--scheme`."""
+    from serve.quant.config import QuantizationConfig
 
-    p.add_argument(
-        "--preset", default=None, choices=sorted(PRESETS), help="few-step schedule: steps, timesteps, no CFG"
-    )
-    p.add_argument("--lora-dir", action="append", type=Path, default=[], help="directory LoRA files may come from")
-    for expert in ("high", "low"):
-        p.add_argument(f"--lora-{expert}", type=Path, default=None, help=f"LoRA fused into the {expert}-noise expert")
-        p.add_argument(f"--lora-{expert}-scale", type=float, default=1.0)
-    p.add_argument("--step-cache-threshold", type=float, default=None, help="first-block cache (off by default)")
-    p.add_argument("--vae-tile", type=int, default=None, help="VAE decode tile size in pixels (default: untiled)")
-    p.add_argument("--vae-tile-overlap", type=int, default=64, help="pixels adjacent VAE tiles blend over")
-    p.add_argument("--vae-chunk-frames", type=int, default=1, help="latent frames per streamed decode chunk")
-    p.add_argument("--vae-workers", type=int, default=1, help="threads decoding VAE tiles in parallel")
-    p.add_argument(
-        "--vae-order",
-        default="chunk-major",
-        choices=("chunk-major", "tile-major"),
-        help="chunk-major streams into the MP4; tile-major uses the least memory",
-    )
+    scheme = Adapter(lambda p, f: p.add_argument("--scheme", default=None, help=f.kwargs["help"]), lambda a: a.scheme)
+    p.set_defaults(quant_flags=add_flags(p, QuantizationConfig, {("policy",): scheme}))
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -76,24 +102,10 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start the HTTP server")
-    _add_model_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--devices", default=None, help="one worker per device: cuda:0,cuda:1 or auto")
-    serve.add_argument("--workers", type=int, default=None, help="worker processes on --device (CPU machines)")
-    serve.add_argument("--max-queue", type=int, default=None, help="waiting requests before HTTP 429")
-    serve.add_argument("--max-batch-size", type=int, default=None, help="requests sharing one denoising step")
-    serve.add_argument("--max-batch-cost-s", type=float, default=None, help="predicted seconds per batched step")
-    serve.add_argument("--expert-policy", choices=("min-swap", "fcfs"), default=None)
-    serve.add_argument("--request-timeout-s", type=float, default=None, help="fail requests not done by then")
-    serve.add_argument("--output-dir", type=Path, default=None, help="where job videos are stored")
-    _add_fewstep_args(serve)
-    _add_memory_args(serve)
-    for name in LIMIT_FLAGS:
-        serve.add_argument(f"--{name.replace('_', '-')}", type=float if "scale" in name else int, default=None)
+    _add_config_flags(serve)
 
     gen = sub.add_parser("generate", help="generate one video to a file")
-    _add_model_args(gen)
+    _add_config_flags(gen, GENERATE_FIELDS)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("-o", "--output", type=Path, default=Path("out.mp4"))
@@ -110,13 +122,11 @@ def _build_parser() -> argparse.ArgumentParser:
         gen.add_argument(f"--{name}", type=kind, default=None)
     gen.add_argument("--sampler", default="unipc", choices=("unipc", "euler"))
     gen.add_argument("--lossless", action="store_true", help="RGB H.264 at qp 0 (bit-exact frames)")
-    _add_fewstep_args(gen)
-    _add_memory_args(gen)
 
     quantize = sub.add_parser("quantize", help="write a pre-quantized copy of a checkpoint")
     quantize.add_argument("in_dir", type=Path)
     quantize.add_argument("out_dir", type=Path)
-    _add_quant_args(quantize, "--scheme")
+    _add_quantize_flags(quantize)
 
     inspect = sub.add_parser("inspect", help="parameters, bytes and memory per residency mode (headers only)")
     inspect.add_argument("model_dir", type=Path)
@@ -136,50 +146,7 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Flags that shape how the model is loaded and run, shared by `serve` and `generate`.
-MODEL_OPTIONS = (
-    "vae_tile",
-    "vae_tile_overlap",
-    "vae_chunk_frames",
-    "vae_workers",
-    "vae_order",
-    "memory_mode",
-    "weights_dtype",
-    "text_encoder_device",
-    "prefetch_blocks",
-    "vram",
-    "ram",
-)
-SERVE_OPTIONS = (
-    "workers",
-    "max_queue",
-    "max_batch_size",
-    "max_batch_cost_s",
-    "expert_policy",
-    "request_timeout_s",
-    "output_dir",
-)
-
-
-def resolve_devices(spec: str) -> tuple[str, ...]:
-    """`auto`: every visible GPU, else one CPU worker; otherwise a comma-separated list."""
-    if spec != "auto":
-        return tuple(d.strip() for d in spec.split(",") if d.strip())
-    import torch
-
-    count = torch.cuda.device_count()
-    return tuple(f"cuda:{i}" for i in range(count)) or ("cpu",)
-
-
-def resolve_dtype(name: str | None, device: str):
-    import torch
-
-    if name is None:
-        name = "float32" if device == "cpu" else "bfloat16"
-    return getattr(torch, name)
-
-
-def _params_from_args(args, spec):
+def _params_from_args(args, spec, preset: str | None):
     """The CLI's request, with model defaults filled and sizes rounded exactly as the API does."""
     from serve.api.params import fill_defaults, round_to_model
     from serve.api.schemas import GenerateRequest
@@ -200,7 +167,7 @@ def _params_from_args(args, spec):
         negative_prompt=args.negative_prompt,
         sampler=args.sampler,
         lossless=args.lossless,
-        preset=args.preset,
+        preset=preset,
         **{k: v for k, v in fields.items() if v is not None},
     )
     values = fill_defaults(body, spec)
@@ -217,20 +184,22 @@ def cmd_generate(args) -> int:
     from tqdm import tqdm
 
     from models.wan.spec import read_spec
-    from serve.engine.client import runner_options
+    from serve.engine.client import runner_config
     from serve.loader import CheckpointError
     from serve.pipeline.mp4 import encode_mp4
     from serve.sampling.presets import apply_preset
     from serve.worker.factory import load_model_runner
 
-    spec = read_spec(args.model)
-    params = apply_preset(_params_from_args(args, spec))
+    config = server_config(args)
+    spec = read_spec(config.model_dir)
+    params = apply_preset(_params_from_args(args, spec, config.sampling.preset))
     # Plan memory for this request's own size, not the server's largest.
     limits = {"max_height": params.height, "max_width": params.width, "max_num_frames": params.num_frames}
-    config = server_config(args)
     config = config.model_copy(update={"limits": config.limits.model_copy(update=limits)})
     try:
-        runner = load_model_runner(str(config.model_dir), config.device, config.dtype, runner_options(config))
+        runner = load_model_runner(
+            str(config.model_dir), config.workers.device, config.workers.dtype, runner_config(config)
+        )
     except CheckpointError as e:
         raise UserFacingError(str(e)) from e
     for line in runner.lora_log:
@@ -245,44 +214,10 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def server_config(args, **overrides):
-    """The ServerConfig both `serve` and `generate` run with (generate: one in-process runner)."""
-    from serve.config import Limits, ServerConfig
-
-    if args.quant is not None:
-        quant_policy(args.quant, args.quant_skip, args.model)  # a bad --quant fails here, before loading
-    fused = tuple(
-        (path, i, getattr(args, f"lora_{name}_scale"))
-        for i, name in enumerate(("high", "low"))
-        if (path := getattr(args, f"lora_{name}")) is not None
-    )
-    model_options = {
-        "quant": args.quant,
-        "quant_skip": tuple(args.quant_skip),
-        "lora_dirs": tuple(args.lora_dir),
-        "fused_loras": fused,
-        "step_cache_threshold": args.step_cache_threshold,
-        "default_preset": args.preset,
-        **{name: getattr(args, name) for name in MODEL_OPTIONS},
-    }
-    limits = {name: getattr(args, name, None) for name in LIMIT_FLAGS}
-    options = {name: getattr(args, name, None) for name in SERVE_OPTIONS}
-    if getattr(args, "devices", None) is not None:
-        options["devices"] = resolve_devices(args.devices)
-    return ServerConfig(
-        model_dir=args.model,
-        device=args.device,
-        dtype=args.dtype or ("float32" if args.device == "cpu" else "bfloat16"),
-        limits=Limits(**{k: v for k, v in limits.items() if v is not None}),
-        **{k: v for k, v in (options | overrides).items() if v is not None},
-        **model_options,
-    )
-
-
 def cmd_serve(args) -> int:
     from serve.api.server import ServerStartError, run_server
 
-    config = server_config(args, host=args.host, port=args.port)
+    config = server_config(args)
     try:
         run_server(config)
     except ServerStartError as e:
@@ -292,22 +227,18 @@ def cmd_serve(args) -> int:
 
 def cmd_quantize(args) -> int:
     from serve.loader import CheckpointError
+    from serve.quant.config import QuantizationConfig
     from serve.quant.convert import quantize_checkpoint
 
-    if args.scheme is None:
+    quant = QuantizationConfig.model_validate(given_values(args, args.quant_flags))
+    if quant.policy is None:
         raise UserFacingError("--scheme is required, e.g. --scheme w8a8-int8 or --scheme high=w8a8-int8,low=none")
     try:
-        out = quantize_checkpoint(args.in_dir, args.out_dir, quant_policy(args.scheme, args.quant_skip, args.in_dir))
+        out = quantize_checkpoint(args.in_dir, args.out_dir, quant_policy(quant.policy, quant.skip, args.in_dir))
     except CheckpointError as e:
         raise UserFacingError(str(e)) from e
-    print(f"wrote {out} ({args.scheme})")
+    print(f"wrote {out} ({quant.policy})")
     return 0
-
-
-def _add_memory_args(p: argparse.ArgumentParser) -> None:
-    from models.inspect import add_memory_args
-
-    add_memory_args(p)
 
 
 def _add_inspect_args(p: argparse.ArgumentParser) -> None:
@@ -320,10 +251,9 @@ def _add_inspect_args(p: argparse.ArgumentParser) -> None:
 def cmd_inspect(args) -> int:
     from models.inspect import run_inspect
     from serve.loader import CheckpointError
-    from serve.loader.planner import budget_from_args, candidates
 
     try:
-        return run_inspect(args, budget_from_args, candidates)
+        return run_inspect(args)
     except CheckpointError as e:
         raise UserFacingError(str(e)) from e
 
@@ -347,10 +277,19 @@ def _one_line(e: Exception) -> str:
         return str(e)
     parts = []
     for err in errors():
-        field = ".".join(str(x) for x in err["loc"] if x != "limits").replace("model_dir", "model")
+        label = _flag_of(err["loc"], getattr(e, "title", ""))
         message = err["msg"].removeprefix("Value error, ")
-        parts.append(f"--{field.replace('_', '-')}: {message}" if field else message)
+        parts.append(f"{label}: {message}" if label and not message.startswith(label) else message)
     return "; ".join(parts)
+
+
+def _flag_of(loc: tuple, model: str) -> str | None:
+    """The flag of the field an error is about: from the tree for ServerConfig; for other models
+    (a request, a sub-config alone), the field's name as a flag; None for a check across fields."""
+    if model == ServerConfig.__name__:
+        return flag_label(loc, ServerConfig, ADAPTERS)
+    field = ".".join(str(x) for x in loc)
+    return f"--{field.replace('_', '-')}" if field else None
 
 
 def main(argv: list[str] | None = None) -> int:

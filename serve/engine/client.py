@@ -23,8 +23,8 @@ from serve.engine.core import (
 )
 from serve.engine.executor import Executor
 from serve.engine.request import GenerationParams
-from serve.engine.scheduler import Scheduler, SchedulerConfig
-from serve.worker.factory import DEFAULT_RUNNER_FACTORY, WEIGHTS_DTYPE_QUANT, RunnerOptions, WorkerArgs
+from serve.engine.scheduler import Scheduler
+from serve.worker.factory import DEFAULT_RUNNER_FACTORY, RunnerConfig, WorkerArgs
 
 __all__ = [
     "EngineClient",
@@ -36,68 +36,48 @@ __all__ = [
 ]
 
 
-def scheduler_config(config: ServerConfig) -> SchedulerConfig:
-    return SchedulerConfig(
-        max_queue=config.max_queue,
-        max_batch_size=config.max_batch_size,
-        max_batch_cost_s=config.max_batch_cost_s,
-        max_running_per_worker=config.max_running_per_worker,
-        expert_policy=config.expert_policy,
-    )
-
-
-def runner_options(config: ServerConfig) -> RunnerOptions:
-    return RunnerOptions(
+def runner_config(config: ServerConfig) -> RunnerConfig:
+    """The worker's part of the config: its sub-configs as they are, and the largest request to plan for."""
+    limits = config.limits
+    return RunnerConfig(
         quant=config.quant,
-        quant_skip=config.quant_skip,
-        lora_dirs=tuple(str(d) for d in config.lora_dirs),
-        fused_loras=tuple((str(f), expert, scale) for f, expert, scale in config.fused_loras),
-        per_request_loras=bool(config.lora_dirs),
-        step_cache_threshold=config.step_cache_threshold,
-        vae_tile=config.vae_tile,
-        vae_tile_overlap=config.vae_tile_overlap,
-        vae_chunk_frames=config.vae_chunk_frames,
-        vae_workers=config.vae_workers,
-        vae_order=config.vae_order,
-        memory_mode=config.memory_mode,
-        weights_dtype=config.weights_dtype,
-        text_encoder_device=config.text_encoder_device,
-        prefetch_blocks=config.prefetch_blocks,
-        vram=config.vram,
-        ram=config.ram,
-        largest_request=(config.limits.max_height, config.limits.max_width, config.limits.max_num_frames),
+        lora=config.lora,
+        sampling=config.sampling,
+        vae=config.vae,
+        memory=config.memory,
+        largest_request=(limits.max_height, limits.max_width, limits.max_num_frames),
     )
 
 
-def quant_key(config: ServerConfig) -> str:
+def quant_key(options: RunnerConfig) -> str:
     """The server-wide quantization in the batch key (one policy per server)."""
-    quant = config.quant or WEIGHTS_DTYPE_QUANT[config.weights_dtype]
-    return "none" if quant is None else f"{quant};skip={','.join(config.quant_skip)}"
+    quant = options.quant_text()
+    return "none" if quant is None else f"{quant};skip={','.join(options.quant.skip)}"
 
 
 class EngineClient:
     """Owns one EngineCore and its workers. `start()` blocks until every worker has loaded."""
 
     def __init__(self, config: ServerConfig, runner_factory: str = DEFAULT_RUNNER_FACTORY) -> None:
-        devices = config.worker_devices()
+        devices = config.workers.worker_devices()
         cpu_workers = sum(d == "cpu" for d in devices)
         threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers > 1 else 0
-        options = runner_options(config)
+        options = runner_config(config)
+        model, dtype = str(config.model_dir), config.workers.dtype
         workers = [
-            WorkerArgs(
-                str(config.model_dir), device, config.dtype, runner_factory, torch_threads=threads, options=options
-            )
+            WorkerArgs(model, device, dtype, runner_factory, options=options, torch_threads=threads)
             for device in devices
         ]
         spec = resolve(config.model_dir).spec  # torch-free: the model's token count for the cost model
         scheduler = Scheduler(
-            scheduler_config(config),
+            config.scheduler,
             len(workers),
             spec.tokens,
             model=Path(config.model_dir).name,
-            quantization=quant_key(config),
+            quantization=quant_key(options),
         )
-        self.core = EngineCore(Executor(workers, config.worker_start_timeout_s), scheduler, config.request_timeout_s)
+        executor = Executor(workers, config.workers.start_timeout_s)
+        self.core = EngineCore(executor, scheduler, config.scheduler.request_timeout_s)
 
     def start(self) -> None:
         self.core.start()

@@ -14,18 +14,16 @@ reserve for what we do not model: the CUDA context and allocator fragmentation o
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 
-from models.inspect import GIB, ModelStats
+from serve.loader.config import parse_bytes
+from serve.loader.memory_model import GIB, ModelStats
 from serve.loader.residency import ResidencyConfig
 
 log = logging.getLogger(__name__)
 
 DEVICE_RESERVE = 1 * GIB
 HOST_RESERVE = 4 * GIB
-UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12}
-UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tb": 10**12, "tib": 2**40}
 
 
 @dataclass(frozen=True)
@@ -55,15 +53,6 @@ class Plan:
         source = "(disk)" if self.offload_source == "disk" else ""
         te = {"device": "", "swap": ", TE swap", "cpu": ", TE cpu"}[self.text_encoder]
         return f"{self.mode}{source}{te}"
-
-
-def parse_bytes(text: str, flag: str) -> int:
-    """`24GiB`, `24GB`, `64g`, `512MiB` -> bytes; a clear error naming the flag otherwise."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = match and match.group(2).lower()
-    if not match or unit not in UNITS:
-        raise ValueError(f"{flag} {text!r} is not a size; write a number with a unit, e.g. {flag} 24GiB or 24GB")
-    return int(float(match.group(1)) * UNITS[unit])
 
 
 def _weights_on_device(stats: ModelStats, mode: str, wdtype: str, te: str, k: int) -> int:
@@ -136,11 +125,6 @@ def choose(stats: ModelStats, budget: Budget, size, wdtype: str, k: int, mode: s
         budget.device / GIB, chosen.host / GIB, budget.host / GIB, size[1], size[0], size[2],
     )  # fmt: skip
     return chosen
-
-
-def budget_from_args(args, measure: bool = True, device: str = "cuda:0") -> Budget:
-    """`--vram`/`--ram` when given, else measured (`torch.cuda.mem_get_info`, psutil) when `measure`."""
-    return measure_budget(args.vram, args.ram, measure, device)
 
 
 def measure_budget(vram: str | None, ram: str | None, measure: bool = True, device: str = "cuda:0") -> Budget:

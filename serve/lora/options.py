@@ -1,4 +1,5 @@
-"""How a runner is told about LoRAs: the directories they may come from, and those fused at load."""
+"""How a runner is told about LoRAs: the directories they may come from, and those fused at load
+(resolved from the server's `serve.lora.config.LoraConfig` by `lora_options`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from serve.lora.config import LoraConfig
 from serve.lora.fuse import fuse_lora
 from serve.lora.paths import resolve_lora_path
 from serve.lora.weights import LoraError, read_lora
@@ -32,6 +34,18 @@ class LoraOptions:
     """Fused into the weights once at load (the fast path for a server of one distilled model)."""
     per_request: bool = True
     """Whether requests may name LoRAs from `lora_dirs` (applied per request, not fused)."""
+
+
+def lora_options(config: LoraConfig) -> LoraOptions:
+    """The runner's options from the server's `LoraConfig`."""
+    fused_dirs = tuple(dict.fromkeys(f.path.resolve().parent for f in config.fused))
+    return LoraOptions(
+        # The operator's own command line is trusted: files fused at load may sit outside
+        # --lora-dir; per-request LoRAs never do (per_request is set only with --lora-dir).
+        lora_dirs=config.dirs or fused_dirs,
+        fused=tuple(FusedLora(f.path, f.expert, f.scale) for f in config.fused),
+        per_request=bool(config.dirs),
+    )
 
 
 def fuse_configured(experts: Sequence[torch.nn.Module], options: LoraOptions) -> list[str]:

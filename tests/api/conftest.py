@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from serve.api.app import create_app
 from serve.config import Limits, ServerConfig
 from serve.engine.client import EngineClient
+from serve.engine.config import SchedulerConfig
 from tests.engine.fake_runner import FACTORY
 
 START_TIMEOUT_S = 120
@@ -70,5 +71,5 @@ def fake_server(model_dir: Path, **config) -> LiveServer:
 @pytest.fixture(scope="module")
 def small_limits_server(tiny_model_dir: Path) -> Iterator[LiveServer]:
     limits = Limits(max_height=48, max_num_frames=17, max_prompt_chars=20)
-    with fake_server(tiny_model_dir, limits=limits, max_queue=1) as server:
+    with fake_server(tiny_model_dir, limits=limits, scheduler=SchedulerConfig(max_queue=1)) as server:
         yield server

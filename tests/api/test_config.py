@@ -4,6 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from serve.config import Limits, ServerConfig
+from serve.engine.config import WorkersConfig
 
 
 def test_max_num_frames_must_be_4k_plus_1():
@@ -30,9 +31,9 @@ def test_dir_without_model_index_names_the_fix(tmp_path):
 
 def test_dtype_device_and_unknown_keys_are_checked(tiny_model_dir):
     with pytest.raises(ValidationError, match="dtype"):
-        ServerConfig(model_dir=tiny_model_dir, dtype="float8")
+        ServerConfig(model_dir=tiny_model_dir, workers=WorkersConfig(dtype="float8"))
     with pytest.raises(ValidationError, match="is not a torch device"):
-        ServerConfig(model_dir=tiny_model_dir, device="gpu0")
+        ServerConfig(model_dir=tiny_model_dir, workers={"device": "gpu0"})
     with pytest.raises(ValidationError, match="max_queue_size"):
         ServerConfig(model_dir=tiny_model_dir, max_queue_size=3)
 

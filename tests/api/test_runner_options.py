@@ -11,9 +11,12 @@ import torch
 from models.wan.spec import read_spec
 from serve.config import ServerConfig
 from serve.engine.request import GenerationParams
+from serve.lora.config import LoraConfig
 from serve.lora.options import LoraOptions
 from serve.pipeline.mp4 import decode_mp4
+from serve.quant.config import QuantizationConfig
 from serve.quant.schemes import QuantPolicy
+from serve.sampling.config import SamplingConfig
 from serve.sampling.presets import apply_preset
 from serve.worker.model_runner import ModelRunner
 from tests.api.conftest import LiveServer
@@ -53,7 +56,10 @@ def lora_dir(tmp_path_factory, tiny_model_dir) -> Path:
 @pytest.fixture(scope="module")
 def configured_server(tiny_model_dir, lora_dir):
     config = ServerConfig(
-        model_dir=tiny_model_dir, quant="high=w8a8-int8,low=none", lora_dirs=(lora_dir,), step_cache_threshold=0.0
+        model_dir=tiny_model_dir,
+        quant=QuantizationConfig(policy="high=w8a8-int8,low=none"),
+        lora=LoraConfig(dirs=(lora_dir,)),
+        sampling=SamplingConfig(step_cache_threshold=0.0),
     )
     with LiveServer_app(config) as server:
         yield server

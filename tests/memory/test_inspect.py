@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from models.inspect import GB, component_stats, model_stats, write_header_fixture
+from models.inspect import write_header_fixture
 from serve.cli import main
+from serve.loader.memory_model import GB, component_stats, model_stats
 
 
 @pytest.fixture(scope="module")

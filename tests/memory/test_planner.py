@@ -2,7 +2,8 @@
 
 import pytest
 
-from models.inspect import GB, GIB, model_stats, write_header_fixture
+from models.inspect import write_header_fixture
+from serve.loader.memory_model import GB, GIB, model_stats
 from serve.loader.planner import Budget, choose, estimate, parse_bytes, plan
 
 SIZE = (720, 1280, 81)
@@ -46,13 +47,14 @@ def test_choose_honours_flags_and_explains_failure(a14b) -> None:
 
 
 def test_each_worker_plans_for_its_own_device(tiny_model_dir):
-    from serve.worker.factory import RunnerOptions, plan_residency
+    from serve.loader.config import MemoryConfig
+    from serve.worker.factory import plan_residency
 
-    small = dict(largest_request=(64, 64, 9), ram="64GiB")
-    assert plan_residency(str(tiny_model_dir), "cpu", RunnerOptions(**small)) is None  # CPU: auto is resident
-    roomy = plan_residency(str(tiny_model_dir), "cuda:0", RunnerOptions(vram="80GiB", **small))
+    model, small = str(tiny_model_dir), (64, 64, 9)
+    assert plan_residency(model, "cpu", MemoryConfig(ram="64GiB"), small) is None  # CPU: auto is resident
+    roomy = plan_residency(model, "cuda:0", MemoryConfig(vram="80GiB", ram="64GiB"), small)
     assert roomy.mode == "resident"
-    forced = plan_residency(str(tiny_model_dir), "cpu", RunnerOptions(memory_mode="block-offload", prefetch_blocks=2))
+    forced = plan_residency(model, "cpu", MemoryConfig(mode="block-offload", prefetch_blocks=2), (1280, 1280, 129))
     assert (forced.mode, forced.prefetch_blocks, forced.text_encoder) == ("block-offload", 2, "device")
     with pytest.raises(ValueError, match="no memory mode fits"):
-        plan_residency(str(tiny_model_dir), "cuda:0", RunnerOptions(vram="1MiB", **small))
+        plan_residency(model, "cuda:0", MemoryConfig(vram="1MiB", ram="64GiB"), small)
