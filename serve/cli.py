@@ -89,12 +89,18 @@ def quant_policy(text: str | None, skip: tuple[str, ...], model_dir: Path):
     return QuantPolicy.parse(text, read_spec(model_dir).expert_names, tuple(skip))
 
 
+# `quantize` takes the tree's quantization flags, the policy named `--scheme`.
+QUANTIZE_ADAPTERS = {
+    ("policy",): Adapter(
+        lambda p, f: p.add_argument("--scheme", default=None, help=f.kwargs["help"]), lambda args: args.scheme
+    )
+}
+
+
 def _add_quantize_flags(p: argparse.ArgumentParser) -> None:
-    """`quantize` takes the tree's quantization flags, its policy named `--scheme`."""
     from serve.quant.config import QuantizationConfig
 
-    scheme = Adapter(lambda p, f: p.add_argument("--scheme", default=None, help=f.kwargs["help"]), lambda a: a.scheme)
-    p.set_defaults(quant_flags=add_flags(p, QuantizationConfig, {("policy",): scheme}))
+    p.set_defaults(quant_flags=add_flags(p, QuantizationConfig, QUANTIZE_ADAPTERS))
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -230,7 +236,7 @@ def cmd_quantize(args) -> int:
     from serve.quant.config import QuantizationConfig
     from serve.quant.convert import quantize_checkpoint
 
-    quant = QuantizationConfig.model_validate(given_values(args, args.quant_flags))
+    quant = QuantizationConfig.model_validate(given_values(args, args.quant_flags, QUANTIZE_ADAPTERS))
     if quant.policy is None:
         raise UserFacingError("--scheme is required, e.g. --scheme w8a8-int8 or --scheme high=w8a8-int8,low=none")
     try:

@@ -169,3 +169,13 @@ def test_every_config_module_imports_no_torch():
     modules = "serve.config, serve.cli, serve.cli_flags, serve.worker.factory, serve.loader.config, serve.vae.config"
     code = f"import sys, {modules}; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_quantize_takes_the_quant_flags_with_the_policy_named_scheme():
+    from serve.cli import QUANTIZE_ADAPTERS
+    from serve.cli_flags import given_values
+    from serve.quant.config import QuantizationConfig
+
+    args = _build_parser().parse_args(["quantize", "in", "out", "--scheme", "w8a8-int8", "--quant-skip", "attn1"])
+    quant = QuantizationConfig.model_validate(given_values(args, args.quant_flags, QUANTIZE_ADAPTERS))
+    assert quant == QuantizationConfig(policy="w8a8-int8", skip=("attn1",))
