@@ -3,13 +3,13 @@
 `ServerConfig` holds the API process's own settings (listen address, job store, `Limits`) and nests
 one torch-free sub-config per package, each declared once in its package and handed on as is:
 
-    workers    serve/engine/config.py  WorkersConfig       devices, worker count, dtype
-    scheduler  serve/engine/config.py  SchedulerConfig     queue, batching, expert order, deadlines
-    quant      serve/quant/config.py   QuantizationConfig  per-expert weight quantization
-    lora       serve/lora/config.py    LoraConfig          LoRA directories and LoRAs fused at load
-    sampling   serve/sampling/config.py SamplingConfig     default preset, step cache
-    vae        serve/vae/config.py     VaeDecodeConfig     tiled, chunked, parallel decode
-    memory     serve/loader/config.py  MemoryConfig        memory mode, weight storage, budgets
+    workers    serve/engine/config.py    WorkersConfig       devices, worker count, dtype
+    scheduler  serve/engine/config.py    SchedulerConfig     queue, batching, expert order, deadlines
+    quant      serve/quant/config.py     QuantizationConfig  per-expert weight quantization
+    lora       serve/lora/config.py      LoraConfig          LoRA directories and LoRAs fused at load
+    sampling   serve/sampling/config.py  SamplingConfig      default preset, step cache
+    vae        serve/vae/config.py       VaeDecodeConfig     tiled, chunked, parallel decode
+    memory     serve/loader/config.py    MemoryConfig        memory mode, weight storage, budgets
 
 The command line is generated from these fields (serve/cli_flags.py): a field's flag, help, type,
 choices and default all come from here. Every bound a request is checked against lives in
