@@ -74,7 +74,8 @@ def run_child(spec: dict) -> dict:
     import torch
     from diffusers import AutoencoderKLWan
 
-    from serve.vae import ChunkedVaeDecoder, VaeDecodeConfig
+    from models.wan.vae_decode import ChunkedVaeDecoder
+    from serve.vae import VaeDecodeConfig
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=spec["base_dim"], z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2).eval()

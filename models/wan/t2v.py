@@ -13,11 +13,11 @@ import torch
 from models.wan.components import WanComponents, install_residency, load_components
 from models.wan.spec import WanSpec
 from models.wan.step_cache import cached_forward
+from models.wan.vae_decode import wan_decode_stage
 from serve.engine.request import ConditionImage, GenerationParams
 from serve.loader.residency import ResidencyConfig
 from serve.lora.options import LoraOptions, fuse_configured
 from serve.lora.runtime import LoraRegistry
-from serve.pipeline.decode import DecodeStage
 from serve.pipeline.denoise import DenoiseStage
 from serve.pipeline.text_encode import TextEncodeStage
 from serve.quant.schemes import QuantPolicy
@@ -47,7 +47,7 @@ class WanT2V:
         self.denoise = DenoiseStage(components.experts, spec.boundary_timestep(), cached_forward)
         if lora.lora_dirs and lora.per_request:
             self.denoise.lora_registry = LoraRegistry(lora.lora_dirs, components.experts)
-        self.decode = DecodeStage(components.vae, vae_decode)
+        self.decode = wan_decode_stage(components.vae, vae_decode)
         self.residency = None if residency is None else install_residency(residency, spec, components, device)
 
     @classmethod

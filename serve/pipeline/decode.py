@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from serve.pipeline.mp4 import stream_chunks_to_mp4s
-from serve.vae import ChunkedVaeDecoder, VaeDecodeConfig
+
+
+class LatentDecoder(Protocol):
+    """A model family's chunked decoder (models/wan/vae_decode.py for Wan): de-normalised latents
+    in, video chunks (B, 3, f, H, W) in [-1, 1] (or uint8 with `as_uint8`) out as they finish."""
+
+    def iter_chunks(self, z: torch.Tensor, as_uint8: bool = False) -> Iterator[torch.Tensor]: ...
 
 
 class DecodeStage:
-    """Decodes a batch of same-shaped latents chunk by chunk. `config` picks temporal chunk length,
-    spatial tiles and workers (default: untiled, one latent frame per chunk, which equals diffusers'
-    decode). A batch goes through the VAE together: the causal decode loops over latent frames in
-    Python, so on small videos B requests in one pass cost little more than one."""
+    """Decodes a batch of same-shaped latents chunk by chunk with the family's `decoder` (its
+    config picks temporal chunk length, spatial tiles and workers). A batch goes through the VAE
+    together: the causal decode loops over latent frames in Python, so on small videos B requests
+    in one pass cost little more than one."""
 
-    def __init__(
-        self, vae: torch.nn.Module, config: VaeDecodeConfig | None = None, devices: Sequence[str | torch.device] = ()
-    ) -> None:
+    def __init__(self, vae: torch.nn.Module, decoder: LatentDecoder) -> None:
         self.vae = vae
-        self.decoder = ChunkedVaeDecoder(vae, config, devices)
+        self.decoder = decoder
         cfg = vae.config
         self._mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, cfg.z_dim, 1, 1, 1)
         self._std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, cfg.z_dim, 1, 1, 1)

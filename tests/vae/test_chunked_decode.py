@@ -18,8 +18,9 @@ import math
 import pytest
 import torch
 
-from serve.vae import ChunkedVaeDecoder, VaeDecodeConfig
-from serve.vae import decoder as decoder_module
+from models.wan import vae_decode as decoder_module
+from models.wan.vae_decode import ChunkedVaeDecoder
+from serve.vae import VaeDecodeConfig
 from serve.vae.config import chunk_bounds
 from serve.vae.tiles import assemble
 from tests.vae.conftest import latents

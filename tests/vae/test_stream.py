@@ -6,7 +6,8 @@ import threading
 import numpy as np
 import torch
 
-from serve.pipeline.decode import DecodeStage, stream_decode_to_mp4, to_uint8
+from models.wan.vae_decode import wan_decode_stage
+from serve.pipeline.decode import stream_decode_to_mp4, to_uint8
 from serve.pipeline.mp4 import decode_mp4, encode_mp4
 from serve.vae import VaeDecodeConfig
 from serve.vae.overlap import BackgroundDecode
@@ -24,7 +25,7 @@ class RecordingSink(io.BytesIO):
 
 def test_streamed_mp4_matches_the_non_streaming_path(tiny_vae):
     z = latents((1, 16, 9, 6, 8))  # 33 frames of 48x64
-    stage = DecodeStage(tiny_vae, TILED)
+    stage = wan_decode_stage(tiny_vae, TILED)
     expected = to_uint8(stage(z))
     sink = io.BytesIO()
     timings = stream_decode_to_mp4(stage, z, sink, fps=16, lossless=True)
@@ -37,7 +38,7 @@ def test_streamed_mp4_matches_the_non_streaming_path(tiny_vae):
 
 def test_first_mp4_bytes_exist_before_decoding_ends(tiny_vae):
     z = latents((1, 16, 9, 6, 8))
-    stage = DecodeStage(tiny_vae, VaeDecodeConfig(chunk_latent_frames=1))
+    stage = wan_decode_stage(tiny_vae, VaeDecodeConfig(chunk_latent_frames=1))
     sink = RecordingSink()
     sizes_before_chunk = []
     iter_chunks = stage.decoder.iter_chunks
@@ -57,7 +58,7 @@ def test_first_mp4_bytes_exist_before_decoding_ends(tiny_vae):
 
 def test_stream_decode_of_full_frames_equals_decode_stage_call(tiny_vae):
     z = latents((1, 16, 3, 6, 8))
-    stage = DecodeStage(tiny_vae)
+    stage = wan_decode_stage(tiny_vae)
     chunks = list(stage.iter_frames(z))
     assert [c.shape for c in chunks] == [(1, 1, 48, 64, 3), (1, 4, 48, 64, 3), (1, 4, 48, 64, 3)]
     assert torch.equal(torch.cat(chunks, dim=1)[0], stage(z))
@@ -65,7 +66,7 @@ def test_stream_decode_of_full_frames_equals_decode_stage_call(tiny_vae):
 
 def test_background_decode_runs_off_the_caller_thread_and_gives_the_same_mp4(tiny_vae):
     z = latents((1, 16, 3, 6, 8))
-    stage = DecodeStage(tiny_vae, TILED)
+    stage = wan_decode_stage(tiny_vae, TILED)
     threads = []
 
     def job(latents, sink):

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from serve.pipeline.decode import DecodeStage, to_uint8
-from serve.vae import ChunkedVaeDecoder, VaeDecodeConfig
+from models.wan.vae_decode import ChunkedVaeDecoder, wan_decode_stage
+from serve.pipeline.decode import to_uint8
+from serve.vae import VaeDecodeConfig
 from tests.vae.conftest import latents
 from tests.vae.test_chunked_decode import ATOL, reference
 
@@ -66,15 +67,15 @@ def test_tile_major_chunks_have_chunk_major_shapes(tiny_vae):
 def test_decode_stage_in_tile_major_order_gives_the_same_frames(tiny_vae):
     z = latents((1, 16, 3, 12, 10))
     config = dict(TILES, threads_per_worker=1)
-    tile_major = DecodeStage(tiny_vae, VaeDecodeConfig(**config, order="tile-major"))
-    assert torch.equal(tile_major(z), DecodeStage(tiny_vae, VaeDecodeConfig(**config))(z))
+    tile_major = wan_decode_stage(tiny_vae, VaeDecodeConfig(**config, order="tile-major"))
+    assert torch.equal(tile_major(z), wan_decode_stage(tiny_vae, VaeDecodeConfig(**config))(z))
 
 
 @pytest.mark.parametrize("order", ["chunk-major", "tile-major"])
 def test_uint8_frames_from_the_decoder_equal_rounding_the_float_frames(tiny_vae, order):
     # 2 videos of 33 frames; the uint8 path converts inside the decoder (on the canvas in tile-major order).
     z = latents((2, 16, 9, 6, 8), seed=2)
-    stage = DecodeStage(tiny_vae, VaeDecodeConfig(tile_sample_size=32, tile_sample_overlap=16, order=order))
+    stage = wan_decode_stage(tiny_vae, VaeDecodeConfig(tile_sample_size=32, tile_sample_overlap=16, order=order))
     got = np.concatenate(list(stage.iter_uint8(z)), axis=1)
     np.testing.assert_array_equal(got, to_uint8(stage.batch(z)))
     assert got.shape == (2, 33, 48, 64, 3)

@@ -1,4 +1,6 @@
-"""Chunked, tiled, parallel decode of a Wan latent with diffusers' `AutoencoderKLWan` modules.
+"""Chunked, tiled, parallel decode of a Wan latent with diffusers' `AutoencoderKLWan` modules: the
+Wan-specific half of VAE decoding (its causal feature cache, patchified Wan2.2 output). The generic
+half, tile grids, blending, temporal chunks and worker pools, lives in serve/vae/.
 
 diffusers' `_decode` already walks latent frames one by one with a causal feature cache, but keeps
 that cache on the VAE object (so one decode at a time) and returns the whole video at once; its
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
 
+from serve.pipeline.decode import DecodeStage
 from serve.vae.config import VaeDecodeConfig, chunk_bounds
 from serve.vae.parallel import WorkerPool, threads_per_worker
 from serve.vae.tiles import BlendedCanvas, Finish, TileGrid, assemble, plan_tiles
@@ -177,3 +180,10 @@ def _on_device(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+def wan_decode_stage(
+    vae: torch.nn.Module, config: VaeDecodeConfig | None = None, devices: Sequence[str | torch.device] = ()
+) -> DecodeStage:
+    """The shared decode stage driving this causal decoder (tiles per `config`, on `devices`)."""
+    return DecodeStage(vae, ChunkedVaeDecoder(vae, config, devices))
