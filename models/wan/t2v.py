@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from models.wan.components import WanComponents, install_residency, load_components
+from models.wan.lora_keys import to_diffusers_module
 from models.wan.spec import WanSpec
 from models.wan.step_cache import cached_forward
 from models.wan.vae_decode import wan_decode_stage
@@ -41,12 +42,12 @@ class WanT2V:
         self.spec = spec
         self.device = device
         self.vae = components.vae
-        self.lora_log = fuse_configured(components.experts, lora)
+        self.lora_log = fuse_configured(components.experts, lora, to_diffusers_module)
         self.scheduler_config = components.scheduler_config
         self.text_encode = TextEncodeStage(components.tokenizer, components.text_encoder)
         self.denoise = DenoiseStage(components.experts, spec.boundary_timestep(), cached_forward)
         if lora.lora_dirs and lora.per_request:
-            self.denoise.lora_registry = LoraRegistry(lora.lora_dirs, components.experts)
+            self.denoise.lora_registry = LoraRegistry(lora.lora_dirs, components.experts, to_diffusers_module)
         self.decode = wan_decode_stage(components.vae, vae_decode)
         self.residency = None if residency is None else install_residency(residency, spec, components, device)
 

@@ -11,6 +11,7 @@ import torch
 
 from serve.lora.config import LoraConfig
 from serve.lora.fuse import fuse_lora
+from serve.lora.keys import Rename
 from serve.lora.paths import resolve_lora_path
 from serve.lora.weights import LoraError, read_lora
 
@@ -48,7 +49,9 @@ def lora_options(config: LoraConfig) -> LoraOptions:
     )
 
 
-def fuse_configured(experts: Sequence[torch.nn.Module], options: LoraOptions) -> list[str]:
+def fuse_configured(
+    experts: Sequence[torch.nn.Module], options: LoraOptions, rename: Rename | None = None
+) -> list[str]:
     """Fuse every `options.fused` LoRA into its expert; returns one line per LoRA for the log."""
     done = []
     for lora in options.fused:
@@ -58,6 +61,6 @@ def fuse_configured(experts: Sequence[torch.nn.Module], options: LoraOptions) ->
                 f"{len(experts)} transformer(s); drop --lora-{EXPERT_NAMES[lora.expert]}"
             )
         path = resolve_lora_path(lora.path, options.lora_dirs)
-        count = fuse_lora(experts[lora.expert], read_lora(path, experts[lora.expert]), lora.scale)
+        count = fuse_lora(experts[lora.expert], read_lora(path, experts[lora.expert], rename=rename), lora.scale)
         done.append(f"fused {path} into the {EXPERT_NAMES[lora.expert]}-noise expert ({count} modules, x{lora.scale})")
     return done

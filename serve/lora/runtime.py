@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from serve.lora.keys import Rename
 from serve.lora.paths import named_lora_files
 from serve.lora.weights import LoraError, LoraLayer, read_lora
 
@@ -56,7 +57,11 @@ RuntimeLora = dict[str, _DeviceLayer]  # module name -> layer, for one expert
 class LoraRegistry:
     """LoRAs that requests name, loaded from the LoRA directories on first use and kept on device."""
 
-    def __init__(self, lora_dirs: Sequence[Path], experts: Sequence[torch.nn.Module]) -> None:
+    def __init__(
+        self, lora_dirs: Sequence[Path], experts: Sequence[torch.nn.Module], rename: Rename | None = None
+    ) -> None:
+        """`rename`: the model family's LoRA module names -> the model's (see serve.lora.keys)."""
+        self.rename = rename
         self.lora_dirs = tuple(Path(d) for d in lora_dirs)
         self.experts = list(experts)
         self._loaded: dict[str, dict[int, RuntimeLora]] = {}
@@ -71,9 +76,8 @@ class LoraRegistry:
             self._loaded[name] = {i: self._to_runtime(path, self.experts[i]) for i, path in files.items()}
         return self._loaded[name]
 
-    @staticmethod
-    def _to_runtime(path: Path, model: torch.nn.Module) -> RuntimeLora:
-        lora = read_lora(path, model, fuse=False)
+    def _to_runtime(self, path: Path, model: torch.nn.Module) -> RuntimeLora:
+        lora = read_lora(path, model, fuse=False, rename=self.rename)
         modules = dict(model.named_modules())
         for name, layer in lora.layers.items():
             if not hasattr(modules[name], "in_features"):  # nn.Linear, or a quantized linear

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from serve.lora.keys import parse_key
+from serve.lora.keys import Rename, parse_key
 
 
 class LoraError(ValueError):
@@ -55,8 +55,9 @@ class LoraWeights:
     layers: dict[str, LoraLayer]
 
 
-def read_lora(path: Path, model: torch.nn.Module, fuse: bool = True) -> LoraWeights:
-    """Read `path` (safetensors only, never pickle) and validate it against `model`.
+def read_lora(path: Path, model: torch.nn.Module, fuse: bool = True, rename: Rename | None = None) -> LoraWeights:
+    """Read `path` (safetensors only, never pickle) and validate it against `model`; `rename` maps
+    the file's module names to the model's (the model family's table, see `parse_key`).
 
     `fuse=False` (applied per request, on the layer's output) also accepts quantized linears:
     B(A x) is added after the layer whatever its weight storage; fusing needs a float weight."""
@@ -66,7 +67,7 @@ def read_lora(path: Path, model: torch.nn.Module, fuse: bool = True) -> LoraWeig
     modules = dict(model.named_modules())
     layers: dict[str, LoraLayer] = {}
     for key, tensor in tensors.items():
-        parsed = parse_key(key)
+        parsed = parse_key(key, rename)
         if parsed is None:
             raise LoraError(
                 f"{path}: key {key!r} is not a LoRA tensor (expected a name ending in lora_down/lora_A, "

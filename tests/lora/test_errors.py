@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from models.wan.lora_keys import to_diffusers_module
 from serve.loader import load_component
 from serve.lora.fuse import fuse_lora
 from serve.lora.weights import LoraError, read_lora
@@ -30,7 +31,7 @@ def good(transformer):
 
 
 def test_a_good_file_reads(tmp_path, transformer):
-    lora = read_lora(write(tmp_path, good(transformer)), transformer)
+    lora = read_lora(write(tmp_path, good(transformer)), transformer, rename=to_diffusers_module)
     assert len(lora.layers) == 10 * len(transformer.blocks)
     assert lora.layers["blocks.0.attn1.to_q"].scaling == 8.0 / 4  # alpha / rank
 
@@ -46,7 +47,7 @@ def test_a_good_file_reads(tmp_path, transformer):
 def test_unknown_keys_are_named(tmp_path, transformer, key):
     path = write(tmp_path, good(transformer) | {key: torch.zeros(4, 24)})
     with pytest.raises(LoraError, match=rf"{tmp_path}.*{key.replace('.', '[.]')}"):
-        read_lora(path, transformer)
+        read_lora(path, transformer, rename=to_diffusers_module)
 
 
 def test_rank_mismatch_is_named(tmp_path, transformer):
@@ -54,7 +55,7 @@ def test_rank_mismatch_is_named(tmp_path, transformer):
     key = "diffusion_model.blocks.1.cross_attn.k.lora_up.weight"
     tensors[key] = tensors[key][:, :3]  # rank 3 up against rank 4 down
     with pytest.raises(LoraError, match=r"cross_attn\.k\.lora_up\.weight.*expected \(24, 4\).*rank 4"):
-        read_lora(write(tmp_path, tensors), transformer)
+        read_lora(write(tmp_path, tensors), transformer, rename=to_diffusers_module)
 
 
 def test_wrong_in_features_is_named(tmp_path, transformer):
@@ -62,32 +63,32 @@ def test_wrong_in_features_is_named(tmp_path, transformer):
     key = "diffusion_model.blocks.0.ffn.2.lora_down.weight"
     tensors[key] = torch.zeros(4, 7)
     with pytest.raises(LoraError, match=r"ffn\.2\.lora_down\.weight.*\(4, 7\).*expected \(rank, 32\)"):
-        read_lora(write(tmp_path, tensors), transformer)
+        read_lora(write(tmp_path, tensors), transformer, rename=to_diffusers_module)
 
 
 def test_missing_half_of_a_pair_is_named(tmp_path, transformer):
     tensors = good(transformer)
     del tensors["diffusion_model.blocks.0.self_attn.v.lora_up.weight"]
     with pytest.raises(LoraError, match=r"self_attn\.v\.lora_down\.weight.*no matching lora_up"):
-        read_lora(write(tmp_path, tensors), transformer)
+        read_lora(write(tmp_path, tensors), transformer, rename=to_diffusers_module)
 
 
 def test_lora_on_a_non_linear_is_refused(tmp_path, transformer):
     key = "transformer.patch_embedding.lora_A.weight"
     tensors = {key: torch.zeros(4, 16), "transformer.patch_embedding.lora_B.weight": torch.zeros(24, 4)}
     with pytest.raises(LoraError, match=r"patch_embedding\.lora_A\.weight.*Conv3d; LoRA needs a Linear"):
-        read_lora(write(tmp_path, tensors), transformer)
+        read_lora(write(tmp_path, tensors), transformer, rename=to_diffusers_module)
 
 
 def test_non_safetensors_and_garbage_files_are_refused(tmp_path, transformer):
     pickle = tmp_path / "lora.pt"
     pickle.write_bytes(b"\x80\x04")
     with pytest.raises(LoraError, match=r"lora\.pt: only \.safetensors"):
-        read_lora(pickle, transformer)
+        read_lora(pickle, transformer, rename=to_diffusers_module)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a header")
     with pytest.raises(LoraError, match=r"garbage\.safetensors: not a readable safetensors file"):
-        read_lora(garbage, transformer)
+        read_lora(garbage, transformer, rename=to_diffusers_module)
 
 
 def test_diff_and_diff_b_are_full_deltas(tmp_path, transformer):
@@ -101,7 +102,7 @@ def test_diff_and_diff_b_are_full_deltas(tmp_path, transformer):
         "diffusion_model.blocks.0.self_attn.q.diff_b": diff_b,
         "diffusion_model.blocks.0.self_attn.norm_q.diff": norm_diff,
     }
-    fuse_lora(model, read_lora(write(tmp_path, tensors), model), scale=0.5)
+    fuse_lora(model, read_lora(write(tmp_path, tensors), model, rename=to_diffusers_module), scale=0.5)
     torch.testing.assert_close(q.weight, before[0] + 0.5 * diff)
     torch.testing.assert_close(q.bias, before[1] + 0.5 * diff_b)
     torch.testing.assert_close(norm.weight, before[2] + 0.5 * norm_diff)
