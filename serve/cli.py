@@ -10,6 +10,7 @@ resolved at startup) and `lora.fused` (`--lora-high FILE --lora-high-scale S`, `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -128,6 +129,12 @@ def _build_parser() -> argparse.ArgumentParser:
         gen.add_argument(f"--{name}", type=kind, default=None)
     gen.add_argument("--sampler", default="unipc", choices=("unipc", "euler"))
     gen.add_argument("--lossless", action="store_true", help="RGB H.264 at qp 0 (bit-exact frames)")
+    gen.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        help="conditioning image (PNG/JPEG/WebP) for image-to-video models; cropped and resized to the size",
+    )
 
     quantize = sub.add_parser("quantize", help="write a pre-quantized copy of a checkpoint")
     quantize.add_argument("in_dir", type=Path)
@@ -182,6 +189,26 @@ def _params_from_args(args, spec, preset: str | None):
     return GenerationParams(**values)
 
 
+def _image_from_args(args, params, spec, config):
+    """The `--image` file as the API takes an upload: bounded, decoded, cropped and resized to the
+    request's size. None without one; an error naming the file when the model disagrees."""
+    from serve.api.images import ImageInputError, condition_image
+
+    if args.image is None:
+        if spec.image_input == "required":
+            raise UserFacingError(f"{spec.model_dir} is an image-to-video model; pass --image FILE")
+        return None
+    if spec.image_input == "none":
+        raise UserFacingError(f"{spec.model_dir} is a text-to-video model and takes no --image")
+    try:
+        image, adjustment = condition_image(args.image.read_bytes(), params.height, params.width, config.limits)
+    except (OSError, ImageInputError) as e:
+        raise UserFacingError(f"--image {args.image}: {e}") from e
+    if adjustment:
+        print(f"note: {adjustment}", file=sys.stderr)
+    return image
+
+
 class UserFacingError(Exception):
     """An error whose message already names the file and the fix; printed without a traceback."""
 
@@ -189,7 +216,7 @@ class UserFacingError(Exception):
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
-    from models.wan.spec import read_spec
+    from models.registry import resolve
     from serve.engine.client import runner_config
     from serve.loader import CheckpointError
     from serve.pipeline.mp4 import encode_mp4
@@ -197,8 +224,9 @@ def cmd_generate(args) -> int:
     from serve.worker.factory import load_model_runner
 
     config = server_config(args)
-    spec = read_spec(config.model_dir)
+    spec = resolve(config.model_dir).spec
     params = apply_preset(_params_from_args(args, spec, config.sampling.preset))
+    params = dataclasses.replace(params, image=_image_from_args(args, params, spec, config))
     # Plan memory for this request's own size, not the server's largest.
     limits = {"max_height": params.height, "max_width": params.width, "max_num_frames": params.num_frames}
     config = config.model_copy(update={"limits": config.limits.model_copy(update=limits)})

@@ -140,12 +140,3 @@ class ServerConfig(FrozenConfig):
 
             QuantPolicy.parse(self.quant.policy, read_spec(self.model_dir).expert_names, self.quant.skip)
         return self
-
-    # Read by serve/api/routes.py, which predates the tree; use `sampling.preset` and `lora.dirs`.
-    @property
-    def default_preset(self) -> str | None:
-        return self.sampling.preset
-
-    @property
-    def lora_dirs(self) -> tuple[Path, ...]:
-        return self.lora.dirs

@@ -52,7 +52,7 @@ def resolve_request(
 ) -> ResolvedRequest:
     """Validate and fill `body`; an `input_reference` (uploaded `image`, or base64 in `body`) is
     decoded and fitted here, so call it off the event loop (a large image takes a CPU-second)."""
-    return resolve(body, spec, config.limits, config.default_preset, config.lora_dirs, image=image)
+    return resolve(body, spec, config.limits, config.sampling.preset, config.lora.dirs, image=image)
 
 
 Model = TypeVar("Model", bound=BaseModel)
