@@ -3,9 +3,9 @@
 Typical use: `load_component("<model>/transformer", "cuda:0", torch.bfloat16)`.
 """
 
-# Exports load on first use (PEP 562): the package's torch-free config module
-# (`serve.loader.config`) must import without pulling torch into the API process.
-import importlib
+# Exports load on first use: the package's torch-free config module (`serve.loader.config`) must import
+# without pulling torch into the API process.
+from serve.lazy import lazy_exports
 
 _EXPORTS = {
     "CheckpointError": "serve.loader.errors",
@@ -16,8 +16,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

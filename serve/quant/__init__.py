@@ -5,9 +5,9 @@ while streaming from disk; `QuantPolicy.parse("high=w8a8-int8,low=none")` gives 
 `serve.quant.convert.quantize_checkpoint` writes a pre-quantized checkpoint the loader reads directly.
 """
 
-# Exports load on first use (PEP 562): the package's torch-free config module
-# (`serve.quant.config`) must import without pulling torch into the API process.
-import importlib
+# Exports load on first use: the package's torch-free config module (`serve.quant.config`) must import
+# without pulling torch into the API process.
+from serve.lazy import lazy_exports
 
 _EXPORTS = {
     "DEFAULT_SKIP": "serve.quant.schemes",
@@ -23,8 +23,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
