@@ -89,9 +89,8 @@ class WanSpec:
 
     def tokens(self, height: int, width: int, num_frames: int) -> int:
         """Transformer sequence length: latent frames x latent height / patch x latent width / patch."""
-        _, ph, pw = self.patch_size
-        s = self.vae_scale_spatial
-        return self.latent_frames(num_frames) * (height // (s * ph)) * (width // (s * pw))
+        strides = (self.vae_scale_temporal, self.vae_scale_spatial, self.patch_size)
+        return latent_tokens(height, width, num_frames, *strides)
 
     def round_size(self, values: dict) -> list[str]:
         """Round height, width and num_frames in `values` down to what the model takes (in place);
@@ -105,6 +104,15 @@ class WanSpec:
         changes = [f"{name}={values[name]}->{new}" for name, new in rounded.items() if new != values[name]]
         values.update(rounded)
         return changes
+
+
+def latent_tokens(
+    height: int, width: int, num_frames: int, temporal: int, spatial: int, patch: tuple[int, int, int]
+) -> int:
+    """The one token-count formula: (frames - 1) // temporal + 1 latent frames, each of
+    (height / (spatial x patch_h)) x (width / (spatial x patch_w)) patches."""
+    _, ph, pw = patch
+    return ((num_frames - 1) // temporal + 1) * (height // (spatial * ph)) * (width // (spatial * pw))
 
 
 def read_json(path: Path) -> dict:

@@ -58,9 +58,9 @@ class ModelStats:
     patch_size: tuple[int, int, int]
 
     def tokens(self, height: int, width: int, frames: int) -> int:
-        frames_lat = (frames - 1) // self.vae_scale_temporal + 1
-        s, (_, ph, pw) = self.vae_scale_spatial, self.patch_size
-        return frames_lat * (height // (s * ph)) * (width // (s * pw))
+        from models.wan.spec import latent_tokens
+
+        return latent_tokens(height, width, frames, self.vae_scale_temporal, self.vae_scale_spatial, self.patch_size)
 
     def activation_bytes(self, height: int, width: int, frames: int) -> int:
         cfg = self.experts[0].config
