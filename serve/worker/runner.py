@@ -9,13 +9,14 @@ worker except that frames arrive as uint8 numpy chunks.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from serve.engine.request import GenerationParams
 
 
+@runtime_checkable
 class Runner(Protocol):
     def start(self, params_list: list[GenerationParams]) -> list[Any]:
         """Text-encode a batch of requests in one pass; return each one's state (latents drawn,
