@@ -1,0 +1,59 @@
+"""The jobs part of the config tree: which job store and artifact store, and how claims expire."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from serve.frozen import FrozenConfig
+
+# Settings a container platform passes as environment rather than flags (a flag still wins).
+ENVIRONMENT = {
+    "job_store": "REELSERVE_JOB_STORE",
+    "artifacts": "REELSERVE_ARTIFACTS",
+    "s3_endpoint_url": "REELSERVE_S3_ENDPOINT_URL",
+}
+
+
+class JobsConfig(FrozenConfig):
+    """Job records, the work queue and stored videos."""
+
+    job_store: str = "sqlite"
+    """`sqlite` (default: `jobs.sqlite3` in the output directory, one replica) or `redis://HOST:PORT/DB`
+    (shared by every replica; env `REELSERVE_JOB_STORE`)."""
+    artifacts: str | None = None
+    """Where MP4s and uploaded images are kept: a directory (default: the output directory) or
+    `s3://BUCKET/PREFIX` (env `REELSERVE_ARTIFACTS`; credentials from boto3's usual AWS_* variables)."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint, e.g. `http://127.0.0.1:8333` (env `REELSERVE_S3_ENDPOINT_URL`); none: AWS."""
+    presigned_urls: bool = False
+    """With S3 artifacts, `GET /v1/videos/{id}/content` redirects to a presigned URL instead of streaming."""
+    presign_ttl_s: int = Field(900, ge=1, le=7 * 24 * 3600)
+    """How long a presigned download URL stays valid."""
+    claim_idle_s: float = Field(60.0, gt=0)
+    """A running job whose replica has not refreshed its claim for this long is taken over by another."""
+    max_queued_jobs: int = Field(1000, ge=1)
+    """Jobs waiting in the store before `POST /v1/videos` answers 429."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_environment(cls, data: Any) -> Any:
+        data = dict(data or {})
+        for name, variable in ENVIRONMENT.items():
+            if data.get(name) is None and os.environ.get(variable):
+                data[name] = os.environ[variable]
+        return data
+
+    @field_validator("job_store")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if value != "sqlite" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"job store {value!r}: use sqlite (the default) or redis://HOST:PORT/DB")
+        return value
+
+    @property
+    def shared(self) -> bool:
+        """Whether several replicas may share this store (Redis) or one process owns it (SQLite)."""
+        return self.job_store != "sqlite"
