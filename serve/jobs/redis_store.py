@@ -19,10 +19,12 @@ Layout under a key prefix P (default `reelserve`):
   hold an artifact (not cancelled), by `seq`: what `expired` removes.
 
 Every state change of a job is one Lua script, so two replicas never both claim, finish or
-release the same job. Undelivered entries of jobs that ended while queued (cancel, delete) stay
-in the stream until a replica reads them and drops them: deleting an entry the group has not
-read yet would make Redis' lag of the group unknown, which the autoscaler may be reading.
-Delivered entries are acknowledged and deleted when their job finishes, is released or deleted.
+release the same job. An entry is acknowledged when its job finishes, is released or deleted,
+and entries are never XDEL'd: a deleted entry at or after the group's last delivered one makes
+Redis report the group's lag as unknown, and the autoscaler scales on that lag. Instead each
+claim trims the stream (XTRIM MINID) below the oldest entry still pending or not yet delivered.
+Entries of jobs that ended while queued (cancel, delete) stay until a replica reads and skips
+them, so for a moment the lag counts them.
 
 Plain Redis (or a Sentinel-managed primary), not Redis Cluster: the scripts touch keys they
 compute from the prefix.
@@ -47,10 +49,7 @@ local stream, queued, jobs, expiry, stored = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
 local prefix, group = ARGV[1], ARGV[2]
 local function job_key(id) return prefix .. ':job:' .. id end
 local function drop(msg)
-  if msg and msg ~= '' then
-    redis.call('XACK', stream, group, msg)
-    redis.call('XDEL', stream, msg)
-  end
+  if msg and msg ~= '' then redis.call('XACK', stream, group, msg) end
 end
 local function remove(id)
   local key = job_key(id)
@@ -109,7 +108,7 @@ local function take(entry)
   local key = job_key(id)
   local h = redis.call('HMGET', key, 'status', 'msg', 'cancel')
   if (h[1] ~= 'queued' and h[1] ~= 'in_progress') or h[2] ~= msg then
-    drop(msg)  -- the job is gone, ended, or queued again under a newer entry
+    drop(msg)  -- the job is gone, ended, or queued again under a newer entry (trimmed later)
     return
   end
   if h[3] == '1' then
@@ -136,6 +135,17 @@ while #got < limit do
   if not r or #r[1][2] == 0 then break end
   for _, entry in ipairs(r[1][2]) do take(entry) end
 end
+-- Trim below the oldest entry still needed: the oldest pending one, else the last delivered
+-- (everything after it is not delivered yet). XTRIM, unlike XDEL, keeps the group's lag known.
+local floor = redis.call('XPENDING', stream, group)[2]
+if not floor then
+  for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local fields = {}
+    for i = 1, #info, 2 do fields[info[i]] = info[i + 1] end
+    if fields['name'] == group then floor = fields['last-delivered-id'] end
+  end
+end
+if floor and floor ~= '0-0' then redis.call('XTRIM', stream, 'MINID', floor) end
 return got
 """
 

@@ -300,6 +300,33 @@ def test_redis_names_the_stream_and_group_the_autoscaler_watches(redis_service: 
         client.close()
 
 
+def test_redis_keeps_the_groups_lag_known_and_trims_the_stream(redis_service: RedisService) -> None:
+    """The autoscaler scales on the group's lag; Redis reports it unknown once an entry at or past
+    the last delivered one is XDEL'd, so finished jobs' entries are acknowledged and trimmed."""
+    import redis
+
+    store = RedisJobStore(redis_service.url(), prefix=redis_service.prefix())
+    client = redis.Redis.from_url(redis_service.url(), decode_responses=True)
+    try:
+        first, second, waiting = create(store, 3)
+        store.claim("a", 2, 60)
+        store.finish(second, "a", ended(store, second, COMPLETED))  # the last delivered entry
+        store.create(record("video_new"))
+        (group,) = client.xinfo_groups(store.stream)
+        assert (group["lag"], group["pending"]) == (2, 1)  # waiting + video_new; first runs
+        store.finish(first, "a", ended(store, first, FAILED))
+        store.claim("a", 5, 60)
+        for job_id in (waiting, "video_new"):
+            store.finish(job_id, "a", ended(store, job_id, COMPLETED))
+        store.claim("a", 5, 60)
+        (group,) = client.xinfo_groups(store.stream)
+        assert (group["lag"], group["pending"]) == (0, 0)
+        assert client.xlen(store.stream) <= 1  # only the last delivered entry is kept
+    finally:
+        client.close()
+        store.close()
+
+
 def test_redis_a_dead_replicas_job_flagged_to_cancel_ends_cancelled(redis_service: RedisService) -> None:
     store = RedisJobStore(redis_service.url(), prefix=redis_service.prefix())
     try:
