@@ -244,6 +244,7 @@ class RedisJobStore:
         self.prefix = prefix
         self.stream = f"{prefix}:queue"
         self.group = f"{prefix}-workers"
+        self._group_made = False
         self._keys = [self.stream, f"{prefix}:queued", f"{prefix}:jobs", f"{prefix}:expiry", f"{prefix}:stored"]
         self._scripts = {
             name: self._redis.register_script(PRELUDE + body)
@@ -363,12 +364,14 @@ class RedisJobStore:
         script = self._scripts[name]
         argv = [self.prefix, self.group, *args]
         with self._reachable():
+            if not self._group_made:  # before the first job too: the autoscaler reads the group
+                self._create_group()
             try:
                 return script(keys=self._keys, args=argv)
             except redis.ResponseError as e:
                 if "NOGROUP" not in str(e):
                     raise
-            # First use of this Redis (or its data was flushed): make the group, then again.
+            # The data was flushed under us: make the group again, then retry once.
             self._create_group()
             return script(keys=self._keys, args=argv)
 
@@ -379,6 +382,7 @@ class RedisJobStore:
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
+        self._group_made = True
 
     @contextlib.contextmanager
     def _reachable(self) -> Iterator[None]:

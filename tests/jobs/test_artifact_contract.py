@@ -114,6 +114,16 @@ def test_s3_keys_live_under_the_prefix(s3_service: S3Service) -> None:
     store.delete(video_key("video_a"))
 
 
+def test_s3_a_video_above_the_multipart_threshold(s3_service: S3Service) -> None:
+    """Real videos are tens of MB: boto3 uploads them in parts (8 MiB by default)."""
+    store = S3ArtifactStore.from_url(s3_service.url(), s3_service.endpoint_url)
+    video = VIDEO * 4  # 10 MiB
+    with store.writing(video_key("video_big")) as path:
+        path.write_bytes(video)
+    assert store.size(video_key("video_big")) == len(video)
+    assert b"".join(store.stream(video_key("video_big"))) == video
+
+
 def test_s3_store_pickles_without_its_client(s3_service: S3Service) -> None:
     store = S3ArtifactStore.from_url(s3_service.url(), s3_service.endpoint_url)
     store.put_bytes("a", b"x")  # makes the client

@@ -288,10 +288,11 @@ def test_redis_names_the_stream_and_group_the_autoscaler_watches(redis_service: 
     store = RedisJobStore(url)
     try:
         create(store, 2)
+        (group,) = client.xinfo_groups("reelserve:queue")  # there from the first job on, before any claim
+        assert (group["name"], group["lag"], group["pending"]) == ("reelserve-workers", 2, 0)
         store.claim("replica-1", 1, 60)
         (group,) = client.xinfo_groups("reelserve:queue")
-        assert group["name"] == "reelserve-workers"
-        assert group["pending"] == 1
+        assert (group["lag"], group["pending"]) == (1, 1)
         assert [c["name"] for c in client.xinfo_consumers("reelserve:queue", "reelserve-workers")] == ["replica-1"]
         assert store.requeue_all() == 0  # idle claims are taken over instead
     finally:
