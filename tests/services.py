@@ -21,21 +21,30 @@ in the root conftest. Outside pytest, `redis_server(dir)` and `s3_server(dir)` a
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 START_TIMEOUT_S = 180.0  # guards a hang only
 STOP_TIMEOUT_S = 30.0
+ATTEMPTS = 3  # starts on fresh ports, when a server exits at start
+PR_SET_PDEATHSIG = 1
+
+Service = TypeVar("Service")
 
 
 # ---- redis ------------------------------------------------------------------------------------
@@ -59,21 +68,22 @@ def redis_server(directory: Path) -> Iterator[RedisService]:
     """A `redis-server` on 127.0.0.1, no persistence, its log in `directory`."""
     binary = _binary("redis-server", "install it with `apt-get install -y redis-server` (Debian; .ci/run does)")
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = directory / "redis.log"
-    command = [
-        binary,
-        "--bind", "127.0.0.1",
-        "--port", str(port),
-        "--save", "",
-        "--appendonly", "no",
-        "--dir", str(directory),
-        "--logfile", str(log),
-        "--protected-mode", "yes",
-    ]  # fmt: skip
-    with _running(command, directory, log) as process:
-        service = RedisService("127.0.0.1", port)
-        _wait(lambda: _redis_ready(service), process, log, "redis-server")
+
+    def launch() -> tuple[list[str], RedisService]:
+        port = free_port()
+        command = [
+            binary,
+            "--bind", "127.0.0.1",
+            "--port", str(port),
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(directory),
+            "--logfile", "",  # to stdout, which goes to the log
+            "--protected-mode", "yes",
+        ]  # fmt: skip
+        return command, RedisService("127.0.0.1", port)
+
+    with _started(launch, _redis_ready, "redis-server", directory, directory / "redis.log") as service:
         yield service
 
 
@@ -126,27 +136,29 @@ def s3_server(directory: Path, bucket: str = "reelserve-test") -> Iterator[S3Ser
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-    ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
-    grpc = {name: free_port() for name in ports}
-    command = [
-        binary, "mini",
-        f"-dir={directory / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        "-admin.ui=false",
-        "-webdav=false",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        "-master.volumeSizeLimitMB=64",
-        f"-bucket={bucket}",
-        *(f"-{name}.port={port}" for name, port in ports.items()),
-        *(f"-{name}.port.grpc={port}" for name, port in grpc.items()),
-    ]  # fmt: skip
-    (directory / "data").mkdir(exist_ok=True)
-    log = directory / "weed.log"
-    with _running(command, directory, log, env={**os.environ, **env, "S3_BUCKET": bucket}) as process:
-        service = S3Service(f"http://127.0.0.1:{ports['s3']}", bucket, env)
-        _wait(lambda: _s3_ready(service), process, log, "weed mini")
+
+    def launch() -> tuple[list[str], S3Service]:
+        ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
+        grpc = {name: free_port() for name in ports}
+        data = tempfile.mkdtemp(prefix="data-", dir=directory)  # fresh per try: the master keeps its ports there
+        command = [
+            binary, "mini",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.volumeSizeLimitMB=64",
+            f"-bucket={bucket}",
+            *(f"-{name}.port={port}" for name, port in ports.items()),
+            *(f"-{name}.port.grpc={port}" for name, port in grpc.items()),
+        ]  # fmt: skip
+        return command, S3Service(f"http://127.0.0.1:{ports['s3']}", bucket, env)
+
+    server_env = {**os.environ, **env, "S3_BUCKET": bucket}
+    with _started(launch, _s3_ready, "weed mini", directory, directory / "weed.log", server_env) as service:
         yield service
 
 
@@ -207,13 +219,39 @@ def _binary(name: str, how: str) -> str:
 
 
 @contextlib.contextmanager
+def _started(
+    launch: Callable[[], tuple[list[str], Service]],
+    ready: Callable[[Service], bool],
+    name: str,
+    directory: Path,
+    log: Path,
+    env: dict[str, str] | None = None,
+) -> Iterator[Service]:
+    """Run the server `launch()` describes until it is `ready`; yield it; stop it at the end. A
+    server that exits at start is tried again on other ports (one chosen free may have been taken
+    by the time it binds it), up to ATTEMPTS times."""
+    for attempt in range(1, ATTEMPTS + 1):
+        command, service = launch()
+        with _running(command, directory, log, env) as process:
+            if _wait(functools.partial(ready, service), process, log, name, last=attempt == ATTEMPTS):
+                yield service
+                return
+
+
+@contextlib.contextmanager
 def _running(
     command: list[str], directory: Path, log: Path, env: dict[str, str] | None = None
 ) -> Iterator[subprocess.Popen]:
     """Run `command` (output to `log`) and stop it on exit: SIGTERM, then SIGKILL after a while."""
     with log.open("ab") as out:
         process = subprocess.Popen(
-            command, cwd=directory, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            command,
+            cwd=directory,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            preexec_fn=_die_with_parent,
         )
     try:
         yield process
@@ -226,14 +264,25 @@ def _running(
             process.wait()
 
 
-def _wait(ready, process: subprocess.Popen, log: Path, name: str) -> None:
+def _die_with_parent() -> None:
+    """In the child, Linux only: SIGTERM when the test process dies, even by SIGKILL (a CI timeout),
+    so no server outlives the tests."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _wait(ready: Callable[[], bool], process: subprocess.Popen, log: Path, name: str, last: bool) -> bool:
+    """True once `ready()`; False if the server exited (fails instead on the `last` try or a hang)."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while not ready():
         if process.poll() is not None:
-            pytest.fail(f"{name} exited with {process.returncode} at start:\n{_tail(log)}", pytrace=False)
+            if last:
+                pytest.fail(f"{name} exited with {process.returncode} at start:\n{_tail(log)}", pytrace=False)
+            return False
         if time.monotonic() > deadline:
             pytest.fail(f"{name} not ready after {START_TIMEOUT_S:.0f} s:\n{_tail(log)}", pytrace=False)
         time.sleep(0.1)
+    return True
 
 
 def _tail(log: Path, lines: int = 30) -> str:
