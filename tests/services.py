@@ -10,12 +10,21 @@ that the shared stores went untested).
 
 Use from a test module or a conftest:
 
-    from tests.services import redis_service, s3_service  # noqa: F401  (pytest fixtures)
+    from tests import services
+
+    redis_service = services.redis_service  # a module-level name pytest collects as the fixture
+    s3_service = services.s3_service
 
     def test_x(redis_service: RedisService, s3_service: S3Service): ...
 
-or, to share one server per session between test packages, `pytest_plugins = ["tests.services"]`
-in the root conftest. Outside pytest, `redis_server(dir)` and `s3_server(dir)` are context managers.
+(an alias, not `from ... import`, which ruff reports as redefined by the test's argument), or, to
+share one server per session between test packages, `pytest_plugins = ["tests.services"]` in the
+root conftest. Outside pytest, `redis_server(dir)` and `s3_server(dir)` are context managers.
+
+- `redis_service` (session): `.url(db)`, `.prefix()` (a fresh key prefix per test), host, port.
+- `redis_url` (per test): a URL to database 1, flushed before and after (default key prefix).
+- `s3_service` (session): `.endpoint_url`, `.bucket`, `.url()` (a fresh `s3://bucket/prefix` per
+  test), `.client()` (boto3), `.env` (its AWS_* credentials, also put in os.environ).
 """
 
 from __future__ import annotations
@@ -187,6 +196,23 @@ def redis_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
     """One redis-server per session; give each test its own `prefix()` (or db) on it."""
     with redis_server(tmp_path_factory.mktemp("redis")) as service:
         yield service
+
+
+@pytest.fixture
+def redis_url(redis_service: RedisService) -> Iterator[str]:
+    """A database of the session's redis-server for one test, empty before and after: for stores
+    and servers that use the default key prefix (`reelserve`, the names the deploy's autoscaler
+    watches) rather than a `prefix()` of their own."""
+    import redis
+
+    url = redis_service.url(db=1)
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,8 @@ from serve.jobs.store import JobStore, StoreUnavailable
 from tests import services
 from tests.services import RedisService, free_port
 
-redis_service = services.redis_service  # the session's redis-server (a pytest fixture)
+redis_service = services.redis_service  # the session's redis-server (pytest fixtures)
+redis_url = services.redis_url
 
 IDLE_S = 1.0  # small claim idle time for the takeover tests
 PAST_IDLE_S = IDLE_S * 1.3  # how long a claim is left unrefreshed to be taken over
@@ -279,13 +280,11 @@ def test_two_replicas_claim_each_job_exactly_once(store: JobStore) -> None:
 # ---- Redis only ---------------------------------------------------------------------------------
 
 
-def test_redis_names_the_stream_and_group_the_autoscaler_watches(redis_service: RedisService) -> None:
+def test_redis_names_the_stream_and_group_the_autoscaler_watches(redis_url: str) -> None:
     import redis
 
-    url = redis_service.url(db=15)  # the default prefix, alone on its own database
-    client = redis.Redis.from_url(url, decode_responses=True)
-    client.flushdb()
-    store = RedisJobStore(url)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    store = RedisJobStore(redis_url)  # the default prefix
     try:
         create(store, 2)
         (group,) = client.xinfo_groups("reelserve:queue")  # there from the first job on, before any claim
@@ -297,7 +296,6 @@ def test_redis_names_the_stream_and_group_the_autoscaler_watches(redis_service: 
         assert store.requeue_all() == 0  # idle claims are taken over instead
     finally:
         store.close()
-        client.flushdb()
         client.close()
 
 
