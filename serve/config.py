@@ -10,6 +10,7 @@ one torch-free sub-config per package, each declared once in its package and han
     sampling   serve/sampling/config.py  SamplingConfig      default preset, step cache
     vae        serve/vae/config.py       VaeDecodeConfig     tiled, chunked, parallel decode
     memory     serve/loader/config.py    MemoryConfig        memory mode, weight storage, budgets
+    jobs       serve/jobs/config.py      JobsConfig          job store, artifact store, claims
 
 The command line is generated from these fields (serve/cli_flags.py): a field's flag, help, type,
 choices and default all come from here. Every bound a request is checked against lives in
@@ -25,6 +26,7 @@ from pydantic import Field, field_validator, model_validator
 
 from serve.engine.config import SchedulerConfig, WorkersConfig
 from serve.frozen import FrozenConfig, flag
+from serve.jobs.config import JobsConfig
 from serve.loader.config import MemoryConfig
 from serve.lora.config import LoraConfig
 from serve.quant.config import QuantizationConfig
@@ -90,11 +92,17 @@ class ServerConfig(FrozenConfig):
     port: int = Field(8000, ge=0, le=65535)
     """TCP port to listen on; 0 picks a free one."""
     output_dir: Path | None = None
-    """Where job MP4s are kept (`--output-dir`); default a fresh directory under the system temp dir."""
+    """Where the embedded job store (`jobs.sqlite3`) and job MP4s are kept (`--output-dir`); give one
+    to keep jobs across restarts. Default: a fresh directory under the system temp dir."""
     max_stored_videos: int = Field(100, ge=1)
-    """Finished job videos kept; the oldest are deleted beyond this."""
+    """Finished jobs kept (records and videos together); the oldest are deleted beyond this."""
     video_ttl_s: float = Field(3600.0, gt=0)
-    """Seconds a finished job's video stays downloadable (`expires_at`)."""
+    """Seconds a finished job stays listed and its video downloadable (`expires_at`); then both go."""
+    shutdown_timeout_s: float = Field(300.0, ge=0)
+    """On SIGTERM, how long running work may take to finish (new work gets 503 meanwhile); what is
+    left then stays queued in the job store for the next start or another replica."""
+    jobs: JobsConfig = JobsConfig()
+    """Job store, artifact store and claims."""
     limits: Limits = Limits()
     """Per-request bounds enforced by the API."""
     workers: WorkersConfig = WorkersConfig()

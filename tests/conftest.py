@@ -4,6 +4,9 @@ from pathlib import Path
 
 import pytest
 
+# The real redis-server and S3 server (tests/services.py), one of each per session for every package.
+pytest_plugins = ["tests.services"]
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

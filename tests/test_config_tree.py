@@ -46,6 +46,9 @@ SAMPLES = {
     ("vae", "tile_sample_size"): "256",
     ("memory", "vram"): "24GiB",
     ("memory", "ram"): "64GiB",
+    ("jobs", "job_store"): "redis://127.0.0.1:6379/0",
+    ("jobs", "artifacts"): "s3://videos/reelserve",
+    ("jobs", "s3_endpoint_url"): "http://127.0.0.1:8333",
 }
 
 
@@ -119,8 +122,13 @@ def test_each_flag_lands_in_its_field(command, flag, tiny_model_dir, tmp_path):
         config = server_config(_build_parser().parse_args([*argv, flag.name, str(tiny_model_dir)]))
         assert config.model_dir == tiny_model_dir.resolve()
         return
-    text, expected = sample(flag, options(command)[flag.name], tmp_path)
-    config = server_config(_build_parser().parse_args([*argv, "--model", str(tiny_model_dir), flag.name, text]))
+    action = options(command)[flag.name]
+    if isinstance(action, argparse.BooleanOptionalAction):  # `--x` turns on what is off by default
+        given, expected = [flag.name], True
+    else:
+        text, expected = sample(flag, action, tmp_path)
+        given = [flag.name, text]
+    config = server_config(_build_parser().parse_args([*argv, "--model", str(tiny_model_dir), *given]))
     assert at(config, flag.path) == expected != at(ServerConfig(model_dir=tiny_model_dir), flag.path)
 
 

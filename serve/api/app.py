@@ -13,7 +13,7 @@ from models.registry import resolve
 from models.wan.spec import WanSpec
 from serve.api.body_limit import MAX_BODY_BYTES, BodyLimitMiddleware
 from serve.api.images import image_body_bytes
-from serve.api.jobs import JobStore
+from serve.api.jobs import JobService, open_job_service
 from serve.api.routes import generate_router, health_router
 from serve.api.schemas import ErrorResponse, GenerateRequest
 from serve.api.videos import VideoCreateRequest, videos_router
@@ -21,19 +21,28 @@ from serve.config import ServerConfig
 from serve.engine.client import EngineClient, EngineUnavailable, GenerationFailed, QueueFull
 
 
-def create_app(config: ServerConfig, client: EngineClient | None = None, spec: WanSpec | None = None) -> FastAPI:
+def create_app(
+    config: ServerConfig,
+    client: EngineClient | None = None,
+    spec: WanSpec | None = None,
+    jobs: JobService | None = None,
+) -> FastAPI:
     """Build the app. `client` lets tests pass an engine with a fake runner; it is started and
     stopped by the app's lifespan either way. `spec` replaces the one read from the checkpoint
-    (tests serve the tiny text-to-video checkpoint as an image-to-video model with it)."""
+    (tests serve the tiny text-to-video checkpoint as an image-to-video model with it). `jobs`
+    is the job service when the caller opened it already (run_server, to fail before loading)."""
     engine = client or EngineClient(config)
+    jobs = jobs or open_job_service(config, engine, config.model_dir.name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Blocks until the worker has loaded the model, so the server accepts nothing it cannot serve.
         engine.start()
+        jobs.start()
         try:
             yield
         finally:
+            jobs.stop()  # first: what still runs goes back to the store, not failed by the engine's stop
             engine.stop()
 
     app = FastAPI(title="reelserve", summary="Text-to-video serving for Wan2.2", lifespan=lifespan)
@@ -42,7 +51,7 @@ def create_app(config: ServerConfig, client: EngineClient | None = None, spec: W
     app.state.limits = config.limits
     app.state.config = config
     app.state.model_name = config.model_dir.name
-    app.state.jobs = JobStore(config.output_dir, config.max_stored_videos, config.video_ttl_s)
+    app.state.jobs = jobs
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES, route_limits=body_limits(app.state.spec, config))
     app.include_router(generate_router)
     app.include_router(videos_router)

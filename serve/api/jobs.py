@@ -1,121 +1,411 @@
-"""Video jobs (the OpenAI Videos API's `video` objects) and the directory their MP4s live in.
+"""The job API's service: records in a `JobStore`, videos and uploaded images in an `ArtifactStore`,
+and `JobRunner`, the thread that runs the store's jobs on this replica's engine.
 
-State lives in this process's memory and the output directory; several replicas behind a load
-balancer need sticky routing by job id or a shared store (see deploy/), not this class.
+`create` only writes the record (and the image) and returns: nothing is lost if this process dies
+next. The runner claims queued jobs when the engine has room, heartbeats its claims with the
+jobs' progress (so another replica, or this one after a restart, knows they are alive), passes
+cancel flags on to the engine, and writes each outcome back. With the embedded SQLite store, jobs
+a killed process had claimed are queued again at start; with Redis, another replica takes them
+over once their claims have been idle for `claim_idle_s`. Either way they run again with the
+same seed, so they give the same video.
 """
 
 from __future__ import annotations
 
-import tempfile
+import dataclasses
+import logging
 import threading
 import time
+import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from serve.engine.core import GenerationFailed, GenerationResult
+from serve.config import ServerConfig
+from serve.engine.client import (
+    ARTIFACTS,
+    SCRATCH,
+    EngineClient,
+    EngineUnavailable,
+    GenerationFailed,
+    GenerationResult,
+    QueueFull,
+)
 from serve.engine.request import GenerationParams, RequestStatus
+from serve.jobs.artifacts import STORAGE_FAILED, ArtifactStore, ArtifactStoreError
+from serve.jobs.records import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    IN_PROGRESS,
+    QUEUED,
+    JobRecord,
+    image_key,
+    video_key,
+    with_image,
+)
+from serve.jobs.sqlite import SqliteJobStore
+from serve.jobs.store import JobStore, StoreUnavailable
 
-# RequestStatus -> the API's job status.
+log = logging.getLogger(__name__)
+
+# RequestStatus of a job running on this replica -> the API's job status.
 JOB_STATUS = {
-    RequestStatus.WAITING: "queued",
-    RequestStatus.ENCODING: "in_progress",
-    RequestStatus.DENOISING: "in_progress",
-    RequestStatus.DECODING: "in_progress",
-    RequestStatus.FINISHED: "completed",
-    RequestStatus.FAILED: "failed",
-    RequestStatus.CANCELLED: "cancelled",
+    RequestStatus.WAITING: QUEUED,
+    RequestStatus.ENCODING: IN_PROGRESS,
+    RequestStatus.DENOISING: IN_PROGRESS,
+    RequestStatus.DECODING: IN_PROGRESS,
+    RequestStatus.FINISHED: COMPLETED,
+    RequestStatus.FAILED: FAILED,
+    RequestStatus.CANCELLED: CANCELLED,
 }
+# How often the runner claims, heartbeats and looks for cancel flags. A step of a real model takes
+# seconds, so a claim is refreshed and a cancel seen within one step.
+TICK_S = 0.1
+PRUNE_EVERY_S = 10.0
+PROBE_EVERY_S = 2.0  # while the artifact store is unwritable, how often to try it again
+SQLITE_FILE = "jobs.sqlite3"  # the embedded store, in the output directory
 
 
-@dataclass
-class Job:
-    id: str
-    model: str
-    params: GenerationParams
-    created_at: int
-    status: str = "queued"
-    progress: int = 0
-    completed_at: int | None = None
-    expires_at: int | None = None
-    error: dict | None = None
-    path: Path | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def done(self) -> bool:
-        return self.status in ("completed", "failed", "cancelled")
+class JobQueueFull(Exception):
+    def __init__(self, queued: int) -> None:
+        super().__init__(f"{queued} jobs are waiting; retry later")
+        self.queued = queued
 
 
-class JobStore:
-    def __init__(self, output_dir: Path | None, max_videos: int, ttl_s: float) -> None:
-        self.output_dir = output_dir or Path(tempfile.mkdtemp(prefix="reelserve-videos-"))
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.max_videos = max_videos
-        self.ttl_s = ttl_s
-        self._jobs: dict[str, Job] = {}  # insertion order = creation order
-        self._lock = threading.Lock()  # completions arrive on the engine thread
+@dataclass(frozen=True)
+class LiveState:
+    """What the engine knows of a job running here, finer than the record: queue position, ETA."""
 
-    def add(self, job_id: str, model: str, params: GenerationParams, future: Future[GenerationResult]) -> Job:
-        job = Job(job_id, model, params, created_at=int(time.time()))
-        with self._lock:
-            self._jobs[job_id] = job
-        future.add_done_callback(lambda f: self._complete(job, f))
-        return job
+    status: str
+    progress: int
+    queue_position: int | None
+    eta_s: float | None
 
-    def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            return self._jobs.get(job_id)
 
-    def list(self, after: str | None, limit: int, descending: bool) -> tuple[list[Job], bool]:
-        """One page of jobs after the cursor `after`, and whether more follow."""
-        with self._lock:
-            jobs = list(self._jobs.values())
-        if descending:
-            jobs.reverse()
-        if after is not None:
-            ids = [j.id for j in jobs]
-            jobs = jobs[ids.index(after) + 1 :] if after in ids else []
-        return jobs[:limit], len(jobs) > limit
+class JobService:
+    """What the `/v1/videos` routes call; owns the stores and the runner."""
+
+    def __init__(
+        self, store: JobStore, artifacts: ArtifactStore, engine: EngineClient, config: ServerConfig, model: str
+    ) -> None:
+        self.store, self.artifacts, self.engine, self.model = store, artifacts, engine, model
+        self.config = config
+        self.runner = JobRunner(self, replica=f"replica-{uuid.uuid4().hex[:12]}")
+
+    def start(self) -> None:
+        self.runner.start()
+
+    def stop(self) -> None:
+        self.runner.stop()
+        self.store.close()
+
+    # ---- the routes' verbs ----------------------------------------------------------------------
+
+    def create(self, params: GenerationParams) -> JobRecord:
+        """Store the job (and its conditioning image) and return at once; the runner picks it up.
+        Raises JobQueueFull, StoreUnavailable or ArtifactStoreError."""
+        queued = self.store.count_queued()
+        if queued >= self.config.jobs.max_queued_jobs:
+            raise JobQueueFull(queued)
+        job_id = f"video_{uuid.uuid4().hex}"
+        size = None
+        if params.image is not None:
+            size = (params.image.width, params.image.height)
+            self.artifacts.put_bytes(image_key(job_id), params.image.rgb)
+        record = JobRecord(job_id, self.model, _without_image(params), created_at=time.time(), image_size=size)
+        self.store.create(record)
+        self.runner.wake()
+        return record
+
+    def get(self, job_id: str) -> JobRecord | None:
+        return self.store.get(job_id)
+
+    def live(self, record: JobRecord) -> LiveState | None:
+        """The engine's view of a job that runs on this replica now (None elsewhere or once done)."""
+        if record.done:
+            return None
+        state = self.engine.request_state(record.id)
+        if state is None:
+            return None
+        eta = state["eta_s"]
+        return LiveState(
+            JOB_STATUS[state["status"]], state["progress"], state["queue_position"], None if eta is None else eta
+        )
+
+    def cancel(self, job_id: str) -> JobRecord | None:
+        record = self.store.request_cancel(job_id, expires_at=time.time() + self.config.video_ttl_s)
+        if record is not None:
+            self.engine.cancel(job_id)  # at its next step, if it runs here; elsewhere its replica sees the flag
+        return record
 
     def delete(self, job_id: str) -> bool:
-        with self._lock:
-            job = self._jobs.pop(job_id, None)
-        if job is None:
+        """Cancel it if it runs (here at once, elsewhere at its replica's next heartbeat) and delete
+        its record, video and image."""
+        record = self.store.delete(job_id)
+        if record is None:
             return False
-        _unlink(job.path)
+        self.engine.cancel(job_id)
+        self.delete_artifacts(job_id)
         return True
 
-    def _complete(self, job: Job, future: Future[GenerationResult]) -> None:
-        now = int(time.time())
-        job.completed_at = now
-        if future.cancelled():
-            job.status = "cancelled"
+    def content(self, record: JobRecord):
+        """The video's bytes in chunks, or None if its file is gone."""
+        return None if record.artifact is None else self.artifacts.stream(record.artifact)
+
+    def presigned_url(self, record: JobRecord) -> str | None:
+        if not self.config.jobs.presigned_urls or record.artifact is None:
+            return None
+        return self.artifacts.url(record.artifact, self.config.jobs.presign_ttl_s)
+
+    def delete_artifacts(self, job_id: str) -> None:
+        for key in (video_key(job_id), image_key(job_id)):
+            try:
+                self.artifacts.delete(key)
+            except ArtifactStoreError as e:  # retention tries again later; the record is gone already
+                log.warning("could not delete %s: %s", key, e)
+
+    # ---- readiness ------------------------------------------------------------------------------
+
+    @property
+    def ready_problem(self) -> str | None:
+        """Why this replica should get no new work now (None: it can take some)."""
+        if self.runner.draining:
+            return "shutting down: draining running work"
+        if self.runner.unwritable is not None:
+            return f"the artifact store is not writable: {self.runner.unwritable}"
+        return None
+
+
+class JobRunner:
+    """The thread that runs the store's jobs on this replica's engine (see the module docstring)."""
+
+    def __init__(self, service: JobService, replica: str) -> None:
+        self.service = service
+        self.replica = replica
+        self.running: dict[str, Future[GenerationResult]] = {}  # job id -> the engine's future
+        self.draining = False
+        self.unwritable: str | None = None  # why the artifact store failed, until a probe succeeds
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._last_prune = 0.0
+        self._last_probe = 0.0
+        self._last_heartbeat = 0.0
+        self._reported: dict[str, int] = {}  # the progress the last heartbeat stored
+        self._thread = threading.Thread(target=self._run, name="reelserve-jobs", daemon=True)
+
+    @property
+    def store(self) -> JobStore:
+        return self.service.store
+
+    @property
+    def capacity(self) -> int:
+        """Jobs this replica runs at once: what its workers can hold (claiming more would only
+        queue them here, where no other replica can take them)."""
+        return self.service.engine.num_workers * self.service.config.scheduler.max_running_per_worker
+
+    def start(self) -> None:
+        if self._thread.is_alive() or self._stop.is_set():
             return
-        error = future.exception()
-        if isinstance(error, GenerationFailed) and error.cancelled:
-            job.status = "cancelled"
+        if not self.service.config.jobs.shared:
+            requeued = self.store.requeue_all()
+            if requeued:
+                log.info("queued again %d job(s) that the previous process was running", requeued)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Give what still runs back to the store (queued again: another replica or the next start
+        runs it), then stop the thread. Called before the engine stops, so the engine's
+        "shutting down" failures never reach the records."""
+        self.draining = True
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._try(self._settle_finished)  # what ended keeps its outcome; only the rest goes back
+        for job_id in list(self.running):
+            self._try(self.store.release, job_id, self.replica)
+        self.running.clear()
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except StoreUnavailable as e:  # Redis restarting, a disk hiccup: keep the jobs, try again
+                log.warning("job store: %s", e)
+                self._stop.wait(1.0)
+            except Exception:
+                log.exception("job runner tick failed")
+                self._stop.wait(1.0)
+            self._wake.wait(TICK_S)
+            self._wake.clear()
+
+    def tick(self) -> None:
+        self._settle_finished()
+        self._forward_cancels()
+        self._heartbeat()
+        self._probe_artifacts()
+        if not self.draining and self.unwritable is None:
+            self._claim()
+        self._prune()
+
+    def _settle_finished(self) -> None:
+        """Write each ended job's outcome; it stays in `running` until the store has it (a store
+        that fails meanwhile raises out of the tick, and the next tick tries again)."""
+        for job_id, future in list(self.running.items()):
+            if future.done():
+                self._finish(job_id, future)
+                del self.running[job_id]
+
+    def _forward_cancels(self) -> None:
+        for job_id in self.store.cancel_requested(list(self.running)):
+            self.service.engine.cancel(job_id)
+
+    def _heartbeat(self) -> None:
+        """Refresh the claims with the jobs' progress: whenever a step moved a job on, and at least
+        every quarter of `claim_idle_s` (so a long step or decode is never mistaken for a death),
+        but not every tick: each one is a durable write."""
+        if not self.running:
+            return
+        progress = {}
+        for job_id in self.running:
+            state = self.service.engine.request_state(job_id)
+            progress[job_id] = self._reported.get(job_id, 0) if state is None else state["progress"]
+        due = time.monotonic() - self._last_heartbeat >= self.service.config.jobs.claim_idle_s / 4
+        if not due and progress == self._reported:
+            return
+        self._last_heartbeat, self._reported = time.monotonic(), progress
+        for job_id in self.store.heartbeat(self.replica, progress):
+            # Deleted, or taken over by a replica that thought this one dead: stop spending on it.
+            log.info("job %s is no longer this replica's; cancelling it here", job_id)
+            self.service.engine.cancel(job_id)
+            self.running.pop(job_id, None)
+
+    def _claim(self) -> None:
+        room = self.capacity - len(self.running)
+        if room <= 0 or not self.service.engine.is_healthy():
+            return
+        idle_s = self.service.config.jobs.claim_idle_s
+        for record in self.store.claim(self.replica, room, idle_s):
+            if record.id in self.running:
+                continue  # ours already (a claim refreshed late); it is running here
+            self._submit(record)
+
+    def _submit(self, record: JobRecord) -> None:
+        params = record.params
+        if record.image_size is not None:
+            rgb = self.service.artifacts.get_bytes(image_key(record.id))
+            if rgb is None:
+                self._end(record, FAILED, error=("input_missing", "the job's input image is no longer stored"))
+                return
+            params = with_image(params, record.image_size, rgb)
+        try:
+            self.running[record.id] = self.service.engine.submit(params, record.id)
+        except (QueueFull, EngineUnavailable):  # /generate took the room meanwhile: let it wait in the store
+            self.store.release(record.id, self.replica)
+
+    def _finish(self, job_id: str, future: Future[GenerationResult]) -> None:
+        record = self.store.get(job_id)
+        error = None if future.cancelled() else future.exception()
+        if record is None:  # deleted while it ran: drop what it wrote
+            if error is None:
+                self.service.delete_artifacts(job_id)
+            return
+        if future.cancelled() or (isinstance(error, GenerationFailed) and error.cancelled):
+            self._end(record, CANCELLED)
+        elif isinstance(error, EngineUnavailable):  # the engine is going down: run it again later
+            self.store.release(job_id, self.replica)
         elif error is not None:
-            job.status, job.error = "failed", {"code": "generation_failed", "message": str(error)}
+            reason = getattr(error, "reason", str(error))
+            storage = reason.startswith(STORAGE_FAILED)
+            if storage:
+                self._mark_unwritable(reason)
+            self._end(record, FAILED, error=("storage_failed" if storage else "generation_failed", reason))
         else:
             result = future.result()
-            job.path = self.output_dir / f"{job.id}.mp4"
-            job.path.write_bytes(result.mp4)
-            job.status, job.progress, job.timings = "completed", 100, result.timings
-            job.expires_at = now + int(self.ttl_s)
-        self._prune(now)
+            record.artifact, record.timings, record.progress = result.artifact, result.timings, 100
+            self._end(record, COMPLETED)
 
-    def _prune(self, now: int) -> None:
-        """Delete expired videos, then the oldest beyond the retention count."""
-        with self._lock:
-            stored = [j for j in self._jobs.values() if j.path is not None]
-            expired = [j for j in stored if j.expires_at is not None and j.expires_at <= now]
-            excess = [j for j in stored if j not in expired][: max(0, len(stored) - len(expired) - self.max_videos)]
-        for job in expired + excess:
-            _unlink(job.path)
-            job.path = None
+    def _end(self, record: JobRecord, status: str, error: tuple[str, str] | None = None) -> None:
+        now = time.time()
+        record.status, record.completed_at, record.owner = status, now, None
+        record.error = None if error is None else {"code": error[0], "message": error[1]}
+        record.expires_at = now + self.service.config.video_ttl_s
+        if not self.store.finish(record.id, self.replica, record):
+            log.info("job %s had already ended elsewhere; keeping that outcome", record.id)
+        if record.image_size is not None:  # the conditioning image has served its purpose
+            self._try_delete(image_key(record.id))
+
+    # ---- the artifact store's health, and retention ---------------------------------------------
+
+    def _mark_unwritable(self, reason: str) -> None:
+        """A write failed: check the store itself (a single bad file is not a broken store)."""
+        try:
+            self.service.artifacts.check()
+        except ArtifactStoreError as e:
+            self.unwritable = str(e)
+            self._last_probe = time.monotonic()
+            log.error("%s; not ready until it can be written again", e)
+
+    def _probe_artifacts(self) -> None:
+        if self.unwritable is None or time.monotonic() - self._last_probe < PROBE_EVERY_S:
+            return
+        self._last_probe = time.monotonic()
+        try:
+            self.service.artifacts.check()
+        except ArtifactStoreError as e:
+            self.unwritable = str(e)
+            return
+        log.info("the artifact store is writable again")
+        self.unwritable = None
+
+    def _prune(self) -> None:
+        if time.monotonic() - self._last_prune < PRUNE_EVERY_S:
+            return
+        self._last_prune = time.monotonic()
+        for record in self.store.expired(time.time(), self.service.config.max_stored_videos):
+            self.service.delete_artifacts(record.id)
+
+    def _try_delete(self, key: str) -> None:
+        try:
+            self.service.artifacts.delete(key)
+        except ArtifactStoreError as e:
+            log.warning("could not delete %s: %s", key, e)
+
+    def _try(self, action, *args) -> None:
+        try:
+            action(*args)
+        except StoreUnavailable as e:
+            log.warning("job store: %s", e)
 
 
-def _unlink(path: Path | None) -> None:
-    if path is not None:
-        path.unlink(missing_ok=True)
+def open_job_service(config: ServerConfig, engine: EngineClient, model: str) -> JobService:
+    """The configured job store and the engine's artifact store, both checked now: a server that
+    cannot keep jobs refuses to start, naming the store (StoreUnavailable, ArtifactStoreError)."""
+    store = open_job_store(config, engine.outputs.root)
+    artifacts = engine.stores[ARTIFACTS]
+    try:
+        store.check()
+        artifacts.check()
+        engine.stores[SCRATCH].check()
+    except Exception:
+        store.close()
+        raise
+    return JobService(store, artifacts, engine, config, model)
+
+
+def open_job_store(config: ServerConfig, root: Path) -> JobStore:
+    if config.jobs.job_store == "sqlite":
+        return SqliteJobStore(root / SQLITE_FILE)
+    from serve.jobs.redis_store import RedisJobStore
+
+    return RedisJobStore(config.jobs.job_store)
+
+
+def _without_image(params: GenerationParams) -> GenerationParams:
+    return dataclasses.replace(params, image=None)

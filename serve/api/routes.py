@@ -11,8 +11,9 @@ from typing import Annotated, Generic, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -22,7 +23,7 @@ from serve.api.images import ImageInputError, base64_chars
 from serve.api.params import ResolvedRequest, resolve
 from serve.api.schemas import ErrorResponse, GenerateRequest, HealthResponse
 from serve.config import Limits, ServerConfig
-from serve.engine.client import EngineClient, GenerationResult
+from serve.engine.client import EngineClient, EngineUnavailable, GenerationFailed, GenerationResult
 
 
 def get_engine(request: Request) -> EngineClient:
@@ -160,11 +161,25 @@ async def generate(
     JSON, or multipart/form-data with `input_reference` as a file part."""
     start = time.perf_counter()
     resolved = await run_in_threadpool(resolve_request, body.fields, spec, config, body.image)
+    if request.app.state.jobs.runner.draining:
+        raise EngineUnavailable("the server is shutting down")
     result = await until_disconnected(request, engine.generate(resolved.params))
     if result is None:
         return Response(status_code=499)  # nobody is listening; the request was cancelled
     headers = video_headers(resolved, result, total_s=time.perf_counter() - start)
-    return Response(result.mp4, media_type="video/mp4", headers=headers)
+    return scratch_response(result, headers)
+
+
+def scratch_response(result: GenerationResult, headers: dict[str, str]) -> Response:
+    """The MP4 the worker wrote to scratch, streamed from there and deleted once sent."""
+    chunks = result.store.stream(result.artifact)
+    if chunks is None:
+        raise GenerationFailed(result.request_id, "the finished video went missing from the scratch directory")
+    size = result.store.size(result.artifact)
+    if size is not None:
+        headers = {**headers, "Content-Length": str(size)}
+    cleanup = BackgroundTask(result.store.delete, result.artifact)
+    return StreamingResponse(chunks, media_type="video/mp4", headers=headers, background=cleanup)
 
 
 async def until_disconnected(request: Request, work: Awaitable[GenerationResult]) -> GenerationResult | None:
@@ -225,11 +240,14 @@ def health(engine: EngineDep) -> HealthResponse | JSONResponse:
     response_model_exclude_none=True,
     responses={503: {"model": HealthResponse}},
 )
-def ready(engine: EngineDep) -> HealthResponse | JSONResponse:
-    """200 only once every worker has loaded the model and run its warmup; 503 before (and while down)."""
-    if engine.is_ready():
+def ready(engine: EngineDep, request: Request) -> HealthResponse | JSONResponse:
+    """200 only once every worker has loaded the model and run its warmup, and while this replica
+    takes work; 503 before, while down, while draining after SIGTERM or while the artifact store
+    cannot be written."""
+    problem = request.app.state.jobs.ready_problem
+    if engine.is_ready() and problem is None:
         return HealthResponse(status="ok")
-    body = HealthResponse(status="unavailable", reason=engine.health_reason() or "warming up")
+    body = HealthResponse(status="unavailable", reason=problem or engine.health_reason() or "warming up")
     return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
 
 

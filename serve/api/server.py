@@ -1,27 +1,88 @@
-"""`reelserve serve`: run the app under uvicorn."""
+"""`reelserve serve`: run the app under uvicorn, and shut down without losing work on SIGTERM."""
 
 from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
 
 import uvicorn
 
 from serve.api.app import create_app
+from serve.api.jobs import JobService, open_job_service
 from serve.config import ServerConfig
 from serve.engine.client import EngineClient
 from serve.engine.executor import WorkerStartError
+from serve.jobs.artifacts import ArtifactStoreError
+from serve.jobs.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
+DRAIN_POLL_S = 0.1
 
 
 class ServerStartError(RuntimeError):
-    """The model could not be loaded; the message names the file and the fix."""
+    """The model could not be loaded or the stores cannot be written; the message names the file
+    (or store) and the fix."""
 
 
-def run_server(config: ServerConfig) -> None:
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that SIGTERM first drains: `/ready` turns 503 and new work gets 503 with
+    Retry-After while the running work finishes, for up to `shutdown_timeout_s`; then uvicorn
+    shuts down as usual. A second signal (or SIGINT) stops at once; what still runs then goes back
+    to the job store, queued, either way."""
+
+    def __init__(self, config: uvicorn.Config, jobs: JobService, engine: EngineClient, timeout_s: float) -> None:
+        super().__init__(config)
+        self.jobs, self.engine, self.timeout_s = jobs, engine, timeout_s
+        self._draining: threading.Thread | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig != signal.SIGTERM or self._draining is not None:
+            super().handle_exit(sig, frame)
+            return
+        log.info("SIGTERM: draining running work for up to %.0f s", self.timeout_s)
+        self.jobs.runner.draining = True
+        self._draining = threading.Thread(target=self._drain_then_exit, daemon=True)
+        self._draining.start()
+
+    def _drain_then_exit(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while not self._idle() and time.monotonic() < deadline:
+            time.sleep(DRAIN_POLL_S)
+        log.info("drain %s; shutting down", "complete" if self._idle() else "timed out: the rest stays queued")
+        # should_exit, not handle_exit: uvicorn re-raises the signals handle_exit captured once it
+        # has shut down, and a drained SIGTERM is a clean exit (code 0), not death by signal.
+        self.should_exit = True
+
+    def _idle(self) -> bool:
+        """No job running here, and no `POST /generate` either (those are not in the job store)."""
+        return not self.jobs.runner.running and self.engine.is_idle()
+
+
+def run_server(config: ServerConfig, client: EngineClient | None = None) -> None:
     """Serve until SIGINT/SIGTERM. One uvicorn process: the engine and its worker live in it, so
-    several uvicorn workers would load the model several times."""
-    client = EngineClient(config)
+    several uvicorn workers would load the model several times. `client`: an engine with another
+    runner (tests)."""
+    client = client or EngineClient(config)
+    try:
+        # The stores first (seconds), then the model (minutes): a server that cannot keep jobs
+        # refuses to start before it spends the time to load.
+        jobs = open_job_service(config, client, config.model_dir.name)
+    except (StoreUnavailable, ArtifactStoreError) as e:
+        raise ServerStartError(str(e)) from e
     try:
         # Load before binding the port: a broken checkpoint is one clear line, not a lifespan traceback.
         client.start()
     except WorkerStartError as e:
         client.stop()
+        jobs.store.close()
         raise ServerStartError(str(e)) from e
-    uvicorn.run(create_app(config, client), host=config.host, port=config.port, log_level="info")
+    app = create_app(config, client, jobs=jobs)
+    server = DrainingServer(
+        uvicorn.Config(app, host=config.host, port=config.port, log_level="info"),
+        jobs,
+        client,
+        config.shutdown_timeout_s,
+    )
+    server.run()

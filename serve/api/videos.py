@@ -5,19 +5,17 @@ delete), so the official `openai` client works against it. reelserve's own gener
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from serve.api.jobs import JOB_STATUS, Job, JobStore
+from serve.api.jobs import JobQueueFull, JobService
 from serve.api.routes import (
     ConfigDep,
-    EngineDep,
     LimitsDep,
     ParsedBody,
     SpecDep,
@@ -26,6 +24,9 @@ from serve.api.routes import (
     resolve_request,
 )
 from serve.api.schemas import GenerateRequest
+from serve.jobs.artifacts import ArtifactStoreError
+from serve.jobs.records import COMPLETED, JobRecord
+from serve.jobs.store import StoreUnavailable
 
 videos_router = APIRouter(prefix="/v1/videos", tags=["videos"])
 # Clients poll; the openai SDK reads this header for its interval.
@@ -74,7 +75,7 @@ class VideoObject(BaseModel):
     `X-Reelserve-Adjusted` header of `POST /generate`)."""
 
 
-def get_jobs(request: Request) -> JobStore:
+def get_jobs(request: Request) -> JobService:
     return request.app.state.jobs
 
 
@@ -82,14 +83,24 @@ def get_model_name(request: Request) -> str:
     return request.app.state.model_name
 
 
-JobsDep = Annotated[JobStore, Depends(get_jobs)]
+JobsDep = Annotated[JobService, Depends(get_jobs)]
 ModelNameDep = Annotated[str, Depends(get_model_name)]
 
 
-def openai_error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None):
+RETRY = {"Retry-After": "5"}
+
+
+def openai_error(
+    status: int,
+    message: str,
+    kind: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+):
     """OpenAI's error envelope: `{"error": {"message", "type", "param", "code"}}`."""
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _field_error(field: str, message: str, value: object) -> RequestValidationError:
@@ -122,25 +133,25 @@ def _frames_for(seconds: object, fps: int, limits) -> int:
     return round(value * fps) + 1
 
 
-def video_object(job: Job, engine, adjustments: tuple[str, ...] = ()) -> VideoObject:
-    state = engine.request_state(job.id) if not job.done else None
-    if state is not None:
-        job.status, job.progress = JOB_STATUS[state["status"]], state["progress"]
-    p = job.params
+def video_object(record: JobRecord, jobs: JobService, adjustments: tuple[str, ...] = ()) -> VideoObject:
+    """The record as the API shows it; a job running on this replica shows the engine's finer view
+    (status, progress, queue position, ETA), one elsewhere the progress its replica last stored."""
+    live = jobs.live(record)
+    p = record.params
     return VideoObject(
-        id=job.id,
-        model=job.model,
-        status=job.status,
-        progress=job.progress,
-        created_at=job.created_at,
-        completed_at=job.completed_at,
-        expires_at=job.expires_at,
+        id=record.id,
+        model=record.model,
+        status=record.status if live is None else live.status,
+        progress=record.progress if live is None else live.progress,
+        created_at=int(record.created_at),
+        completed_at=None if record.completed_at is None else int(record.completed_at),
+        expires_at=None if record.expires_at is None else int(record.expires_at),
         prompt=p.prompt,
         seconds=f"{p.num_frames / p.fps:g}",
         size=f"{p.width}x{p.height}",
-        error=job.error,
-        queue_position=None if state is None else state["queue_position"],
-        eta_seconds=None if state is None or state["eta_s"] is None else round(state["eta_s"], 2),
+        error=record.error,
+        queue_position=None if live is None else live.queue_position,
+        eta_seconds=None if live is None or live.eta_s is None else round(live.eta_s, 2),
         adjustments=list(adjustments) or None,
     )
 
@@ -163,61 +174,73 @@ CreateBodyDep = Annotated[ParsedBody[VideoCreateRequest], Depends(parse_create_b
 
 @videos_router.post("", openapi_extra=request_body_docs("VideoCreateRequest"))
 def create_video(
-    body: CreateBodyDep, engine: EngineDep, jobs: JobsDep, spec: SpecDep, config: ConfigDep, model: ModelNameDep
+    body: CreateBodyDep, jobs: JobsDep, spec: SpecDep, config: ConfigDep, model: ModelNameDep
 ) -> JSONResponse:
-    """Queue a generation; poll `GET /v1/videos/{id}`, then download `/content`. (A sync handler:
-    FastAPI runs it in a thread, so decoding an `input_reference` does not block the event loop.)"""
+    """Store the job and return at once; poll `GET /v1/videos/{id}`, then download `/content`. (A sync
+    handler: FastAPI runs it in a thread, so decoding an `input_reference` does not block the loop.)"""
     fields = to_generate_request(body.fields, model, spec, config.limits)
     resolved = resolve_request(fields, spec, config, body.image)
-    request_id, future = engine.submit(resolved.params)
-    # The job keeps its params for as long as it is listed; the image went to the engine with the
-    # request and is not kept here (nor ever shown: VideoObject has no field for it).
-    stored = dataclasses.replace(resolved.params, image=None)
-    return _json(video_object(jobs.add(request_id, model, stored, future), engine, resolved.adjustments))
+    if jobs.ready_problem is not None:
+        return openai_error(503, f"not taking new jobs: {jobs.ready_problem}", "unavailable", headers=RETRY)
+    try:
+        record = jobs.create(resolved.params)
+    except JobQueueFull as e:
+        return openai_error(429, str(e), "rate_limit_exceeded", code="queue_full", headers=RETRY)
+    except (StoreUnavailable, ArtifactStoreError) as e:
+        return openai_error(503, f"the job could not be stored: {e}", "unavailable", headers=RETRY)
+    # The record keeps the params without the image (the image is an artifact of its own, never shown).
+    return _json(video_object(record, jobs, resolved.adjustments))
 
 
 @videos_router.get("")
 def list_videos(
-    engine: EngineDep,
     jobs: JobsDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     order: Literal["asc", "desc"] = "desc",
 ) -> JSONResponse:
-    page, more = jobs.list(after, limit, descending=order == "desc")
-    data = [video_object(j, engine).model_dump() for j in page]
+    page, more = jobs.store.list(after, limit, order)
+    data = [video_object(r, jobs).model_dump() for r in page]
     last = data[-1]["id"] if data else None
     first = data[0]["id"] if data else None
     return JSONResponse({"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": more})
 
 
 @videos_router.get("/{video_id}")
-def retrieve_video(video_id: str, engine: EngineDep, jobs: JobsDep) -> JSONResponse:
-    job = jobs.get(video_id)
-    if job is None:
+def retrieve_video(video_id: str, jobs: JobsDep) -> JSONResponse:
+    record = jobs.get(video_id)
+    if record is None:
         return _not_found(video_id)
-    return _json(video_object(job, engine))
+    return _json(video_object(record, jobs))
 
 
 @videos_router.get("/{video_id}/content")
-def download_video(video_id: str, engine: EngineDep, jobs: JobsDep, variant: Literal["video"] = "video"):
-    job = jobs.get(video_id)
-    if job is None:
+def download_video(video_id: str, jobs: JobsDep, variant: Literal["video"] = "video"):
+    record = jobs.get(video_id)
+    if record is None:
         return _not_found(video_id)
-    if job.status != "completed":
-        return openai_error(409, f"video {video_id} is {video_object(job, engine).status}, not completed", "conflict")
-    if job.path is None or not job.path.is_file():
+    if record.status != COMPLETED:
+        status = video_object(record, jobs).status
+        return openai_error(409, f"video {video_id} is {status}, not completed", "conflict")
+    url = jobs.presigned_url(record)
+    if url is not None:
+        return RedirectResponse(url, status_code=307)
+    chunks = jobs.content(record)
+    if chunks is None:
         return openai_error(410, f"video {video_id} has expired and was deleted", "gone")
-    return FileResponse(job.path, media_type="video/mp4", filename=f"{video_id}.mp4")
+    size = jobs.artifacts.size(record.artifact)
+    headers = {"Content-Disposition": f'attachment; filename="{video_id}.mp4"'}
+    if size is not None:
+        headers["Content-Length"] = str(size)
+    return StreamingResponse(chunks, media_type="video/mp4", headers=headers)
 
 
 @videos_router.delete("/{video_id}")
-def delete_video(video_id: str, engine: EngineDep, jobs: JobsDep) -> JSONResponse:
-    """Cancel the job if it is still running (at its next step) and delete its video."""
-    if jobs.get(video_id) is None:
+def delete_video(video_id: str, jobs: JobsDep) -> JSONResponse:
+    """Cancel the job if it is still running (at its next step, on whichever replica) and delete
+    its record and video."""
+    if not jobs.delete(video_id):
         return _not_found(video_id)
-    engine.cancel(video_id)
-    jobs.delete(video_id)
     return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
 
 

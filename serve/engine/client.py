@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 from models.registry import resolve
@@ -24,6 +26,7 @@ from serve.engine.core import (
 from serve.engine.executor import Executor
 from serve.engine.request import GenerationParams
 from serve.engine.scheduler import Scheduler
+from serve.jobs.artifacts import ArtifactStore, ArtifactTarget
 from serve.worker.factory import DEFAULT_RUNNER_FACTORY, RunnerConfig, WorkerArgs
 
 __all__ = [
@@ -55,17 +58,55 @@ def quant_key(options: RunnerConfig) -> str:
     return "none" if quant is None else f"{quant};skip={','.join(options.quant.skip)}"
 
 
+SCRATCH, ARTIFACTS = "scratch", "artifacts"
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where this server keeps things: the output directory (the embedded job store's SQLite file,
+    scratch space) and the artifact stores the workers write MP4s to, by name: `scratch` (this
+    host's disk: `POST /generate` answers with the file and deletes it) and `artifacts` (job
+    videos and uploaded images: the output directory, or S3)."""
+
+    root: Path
+    targets: dict[str, ArtifactTarget]
+
+    @classmethod
+    def of(cls, config: ServerConfig) -> Outputs:
+        root = config.output_dir or Path(tempfile.mkdtemp(prefix="reelserve-"))
+        artifacts = config.jobs.artifacts or str(root)
+        targets = {
+            SCRATCH: ArtifactTarget(str(root / "scratch")),
+            ARTIFACTS: ArtifactTarget(artifacts, config.jobs.s3_endpoint_url),
+        }
+        return cls(root, targets)
+
+    def open(self) -> dict[str, ArtifactStore]:
+        return {name: target.open() for name, target in self.targets.items()}
+
+
 class EngineClient:
     """Owns one EngineCore and its workers. `start()` blocks until every worker has loaded."""
 
-    def __init__(self, config: ServerConfig, runner_factory: str = DEFAULT_RUNNER_FACTORY) -> None:
+    def __init__(
+        self, config: ServerConfig, runner_factory: str = DEFAULT_RUNNER_FACTORY, outputs: Outputs | None = None
+    ) -> None:
+        self.outputs = outputs or Outputs.of(config)
         devices = config.workers.worker_devices()
         cpu_workers = sum(d == "cpu" for d in devices)
         threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers > 1 else 0
         options = runner_config(config)
         model, dtype = str(config.model_dir), config.workers.dtype
         workers = [
-            WorkerArgs(model, device, dtype, runner_factory, options=options, torch_threads=threads)
+            WorkerArgs(
+                model,
+                device,
+                dtype,
+                runner_factory,
+                options=options,
+                torch_threads=threads,
+                outputs=tuple(self.outputs.targets.items()),
+            )
             for device in devices
         ]
         spec = resolve(config.model_dir).spec  # torch-free: the model's token count for the cost model
@@ -77,7 +118,8 @@ class EngineClient:
             quantization=quant_key(options),
         )
         executor = Executor(workers, config.workers.start_timeout_s)
-        self.core = EngineCore(executor, scheduler, config.scheduler.request_timeout_s)
+        self.stores = self.outputs.open()
+        self.core = EngineCore(executor, scheduler, self.stores, config.scheduler.request_timeout_s)
 
     def start(self) -> None:
         self.core.start()
@@ -85,16 +127,17 @@ class EngineClient:
     def stop(self) -> None:
         self.core.stop()
 
-    def submit(self, params: GenerationParams) -> tuple[str, Future[GenerationResult]]:
-        """Enqueue and return at once (the job API); raises QueueFull or EngineUnavailable."""
-        return self.core.add_request(params)
+    def submit(self, params: GenerationParams, job_id: str) -> Future[GenerationResult]:
+        """Run a job (its MP4 goes to the artifact store) and return at once; raises QueueFull or
+        EngineUnavailable."""
+        return self.core.add_request(params, request_id=job_id, output=ARTIFACTS)[1]
 
     async def generate(self, params: GenerationParams) -> GenerationResult:
         """Raises QueueFull or EngineUnavailable at once, GenerationFailed when the request fails.
 
         Cancelling the awaiting task (client disconnect) cancels the request at the next step.
         """
-        _, future = self.core.add_request(params)
+        _, future = self.core.add_request(params, output=SCRATCH)
         return await asyncio.wrap_future(future)
 
     def cancel(self, request_id: str) -> bool:
@@ -114,6 +157,14 @@ class EngineClient:
 
     def metrics(self) -> bytes:
         return self.core.render_metrics()
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.core.executor.workers)
+
+    def is_idle(self) -> bool:
+        """No request queued or running (a drain is over)."""
+        return self.core.active_count() == 0
 
     @property
     def worker_pids(self) -> list[int | None]:

@@ -18,6 +18,7 @@ from serve.engine.executor import Executor, UnitOutcome
 from serve.engine.metrics import EngineMetrics
 from serve.engine.request import GenerationParams, Request, RequestStatus
 from serve.engine.scheduler import QueueFullError, Scheduler, WorkerDied, WorkUnit
+from serve.jobs.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +54,42 @@ class GenerationFailed(EngineError):
 @dataclass(frozen=True)
 class GenerationResult:
     request_id: str
-    mp4: bytes
+    artifact: str
+    """The MP4's key in `store` (the worker wrote it there; the bytes never crossed this process)."""
+    store: ArtifactStore
     timings: dict[str, float]
     """Seconds per stage: queue, text_encode, denoise, decode, mp4."""
     trace: tuple[tuple[str, int, int], ...] = ()
     """(unit kind, worker, batch size) for every unit the request took part in."""
 
+    @property
+    def mp4(self) -> bytes:
+        """The whole video, read back from its store (tests, small videos)."""
+        data = self.store.get_bytes(self.artifact)
+        if data is None:
+            raise FileNotFoundError(f"the video of {self.request_id} is no longer stored")
+        return data
+
 
 class EngineCore:
-    def __init__(self, executor: Executor, scheduler: Scheduler, request_timeout_s: float = 3600.0) -> None:
+    def __init__(
+        self,
+        executor: Executor,
+        scheduler: Scheduler,
+        outputs: dict[str, ArtifactStore],
+        request_timeout_s: float = 3600.0,
+    ) -> None:
+        """`outputs`: the artifact stores the workers write MP4s to (the same names as their
+        `WorkerArgs.outputs`), opened here to hand results back."""
         self.executor = executor
         self.scheduler = scheduler
+        self.outputs = outputs
         self.request_timeout_s = request_timeout_s
         self.metrics = EngineMetrics()
         self._lock = threading.Lock()  # guards scheduler and _futures against the API thread
         self._futures: dict[str, Future[GenerationResult]] = {}
         self._encode_started: dict[str, float] = {}
-        self._mp4: dict[str, tuple[bytes, float]] = {}
+        self._artifacts: dict[str, tuple[str, float]] = {}  # request_id -> (MP4 key, encode seconds)
         self._counted_swaps = 0
         self._last_restart = -math.inf
         self._down_reason: str | None = "engine not started"
@@ -104,12 +124,20 @@ class EngineCore:
         self._fail_all("the server is shutting down", unavailable=True)
         self.executor.stop()
 
-    def add_request(self, params: GenerationParams) -> tuple[str, Future[GenerationResult]]:
+    def add_request(
+        self, params: GenerationParams, request_id: str | None = None, output: str | None = None
+    ) -> tuple[str, Future[GenerationResult]]:
         """Enqueue or refuse at once (QueueFull, EngineUnavailable): admission never waits.
-        `params` are resolved (defaults filled, preset applied: see serve/api/params.py)."""
+        `params` are resolved (defaults filled, preset applied: see serve/api/params.py); a job
+        passes its own id and `output` (the artifact store its MP4 goes to; default the first)."""
         if self._down_reason is not None:
             raise EngineUnavailable(self._down_reason)
-        request, future = Request(params), Future()
+        output = output or next(iter(self.outputs))
+        if output not in self.outputs:
+            raise ValueError(f"no artifact store named {output!r}; the engine has {sorted(self.outputs)}")
+        request, future = Request(params, output=output), Future()
+        if request_id is not None:
+            request.request_id = request_id
         request.deadline = request.arrival_time + self.request_timeout_s
         with self._lock:
             try:
@@ -148,6 +176,11 @@ class EngineCore:
                 "eta_s": self.scheduler.eta_s(request_id),
                 "worker": r.worker,
             }
+
+    def active_count(self) -> int:
+        """Requests queued or running."""
+        with self._lock:
+            return len(self.scheduler.requests)
 
     def snapshot(self) -> dict[str, object]:
         """Queue state for tests and debugging: waiting ids, and id -> step of those on a worker."""
@@ -192,17 +225,19 @@ class EngineCore:
             payloads = [self._params(unit) for unit in output.units]
         for worker, ids in output.free.items():
             self.executor.free(worker, ids)
-        for unit, payload in zip(output.units, payloads, strict=True):
+        for unit, (params, outputs) in zip(output.units, payloads, strict=True):
             self._note_start(unit, now)
-            self.executor.submit(unit, payload)
+            self.executor.submit(unit, params, outputs)
         self._settle_ended(output.ended)
         return output
 
-    def _params(self, unit: WorkUnit) -> tuple[tuple[str, GenerationParams], ...]:
-        """What an encode unit sends along: its requests' params (other units send ids only)."""
+    def _params(self, unit: WorkUnit) -> tuple[tuple[tuple[str, GenerationParams], ...], tuple[str, ...]]:
+        """What an encode unit sends along: its requests' params and output stores (other units
+        send ids only)."""
         if unit.kind != "encode":
-            return ()
-        return tuple((rid, self.scheduler.requests[rid].params) for rid in unit.request_ids)
+            return (), ()
+        requests = [self.scheduler.requests[rid] for rid in unit.request_ids]
+        return tuple((r.request_id, r.params) for r in requests), tuple(r.output for r in requests)
 
     def _note_start(self, unit: WorkUnit, now: float) -> None:
         if unit.kind == "encode":
@@ -223,8 +258,8 @@ class EngineCore:
                 self.metrics.step_seconds.observe(event.result.elapsed_s)
             for outcome, count in event.report.counters.items():
                 self.metrics.step_cache_steps.labels(outcome).inc(count)
-            for rid, mp4 in event.report.mp4.items():
-                self._mp4[rid] = (mp4, event.report.mp4_s)
+            for rid, key in event.report.outputs.items():
+                self._artifacts[rid] = (key, event.report.mp4_s)
         with self._lock:
             ended = self.scheduler.update_from_output(results)
             swaps = self.scheduler.swaps
@@ -245,13 +280,16 @@ class EngineCore:
             with self._lock:
                 future = self._futures.pop(r.request_id, None)
             started = self._encode_started.pop(r.request_id, r.arrival_time)
-            mp4, mp4_s = self._mp4.pop(r.request_id, (b"", 0.0))
+            key, mp4_s = self._artifacts.pop(r.request_id, (None, 0.0))
             self.metrics.requests.labels(r.status.name.lower()).inc()
-            if r.status == RequestStatus.FINISHED:
+            if r.status == RequestStatus.FINISHED and key is not None:
                 timings = {"queue": started - r.arrival_time, **r.timings, "mp4": mp4_s}
                 for stage, seconds in timings.items():
                     self.metrics.stage_seconds.labels(stage).observe(seconds)
-                _settle(future, result=GenerationResult(r.request_id, mp4, timings, tuple(r.trace)))
+                store = self.outputs[r.output]
+                result = GenerationResult(r.request_id, key, store, timings, tuple(r.trace))
+                if not _settle(future, result=result):
+                    store.delete(key)  # its client is gone (a disconnect): nobody will read it
             else:
                 cancelled = r.status == RequestStatus.CANCELLED
                 _settle(future, error=GenerationFailed(r.request_id, r.error or "failed", cancelled))
@@ -270,14 +308,16 @@ class EngineCore:
         return max(1, math.ceil(min(loads)))
 
 
-def _settle(future: Future | None, result: GenerationResult | None = None, error: Exception | None = None) -> None:
-    """Resolve a future unless its client already gave up (cancelled futures refuse results)."""
+def _settle(future: Future | None, result: GenerationResult | None = None, error: Exception | None = None) -> bool:
+    """Resolve a future unless its client already gave up (cancelled futures refuse results);
+    whether it was resolved."""
     if future is None or future.done():
-        return
+        return False
     try:
         if error is not None:
             future.set_exception(error)
         else:
             future.set_result(result)
     except InvalidStateError:
-        pass  # cancelled between the check and the set: the client is gone, nothing to tell
+        return False  # cancelled between the check and the set: the client is gone, nothing to tell
+    return True

@@ -31,7 +31,7 @@ class WorkerStartError(RuntimeError):
 
 @dataclass(frozen=True)
 class UnitOutcome:
-    """A finished unit: the scheduler's view (`result`) and the payload (`report`: MP4 bytes)."""
+    """A finished unit: the scheduler's view (`result`) and the payload (`report`: artifact keys)."""
 
     result: UnitResult
     report: UnitReport
@@ -147,11 +147,14 @@ class Executor:
     def any_ready(self) -> bool:
         return any(w.alive() for w in self.workers)
 
-    def submit(self, unit: WorkUnit, params: tuple[tuple[str, GenerationParams], ...] = ()) -> None:
-        """Send a unit to its worker; an encode unit carries its requests' `params`."""
+    def submit(
+        self, unit: WorkUnit, params: tuple[tuple[str, GenerationParams], ...] = (), outputs: tuple[str, ...] = ()
+    ) -> None:
+        """Send a unit to its worker; an encode unit carries its requests' `params` and the
+        artifact store each one's MP4 goes to (`outputs`)."""
         w = self.workers[unit.worker]
         w.unit, w.unit_id = unit, next(self._unit_ids)
-        message = unit_message(unit.kind, w.unit_id, unit.request_ids, unit.expert, params)
+        message = unit_message(unit.kind, w.unit_id, unit.request_ids, unit.expert, params, outputs)
         with contextlib.suppress(OSError):  # a dead worker refuses; poll() reports its death
             w.conn.send(message)
 

@@ -6,7 +6,8 @@
                        UnitReport
 
 Only ids, params and small reports cross; latents and conditioning images' latents never leave
-the worker, and a decode answers with the finished MP4s.
+the worker, and neither do videos: a decode writes each MP4 into its artifact store and answers
+with the key.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ class EncodeUnit:
 
     unit_id: int
     requests: tuple[tuple[str, GenerationParams], ...]
+    outputs: tuple[str, ...] = ()
+    """Per request, the name of the artifact store its MP4 goes to (`WorkerArgs.outputs`);
+    empty: the first store."""
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,8 @@ class UnitReport:
     failed: dict[str, str] = field(default_factory=dict)
     experts: dict[str, tuple[int, ...]] = field(default_factory=dict)
     """Encode: the expert index of each step of each request."""
-    mp4: dict[str, bytes] = field(default_factory=dict)
-    """Decode: each finished request's video."""
+    outputs: dict[str, str] = field(default_factory=dict)
+    """Decode: each finished request's MP4, as its key in its artifact store."""
     mp4_s: float = 0.0
     elapsed_s: float = 0.0
     counters: dict[str, int] = field(default_factory=dict)
@@ -91,10 +95,12 @@ def unit_message(
     request_ids: tuple[str, ...],
     expert: int | None = None,
     params: tuple[tuple[str, GenerationParams], ...] = (),
+    outputs: tuple[str, ...] = (),
 ) -> Unit:
-    """The message for a scheduler work unit of `kind` (encode needs `params`, denoise `expert`)."""
+    """The message for a scheduler work unit of `kind` (encode needs `params` and `outputs`,
+    denoise `expert`)."""
     if kind == "encode":
-        return EncodeUnit(unit_id, params)
+        return EncodeUnit(unit_id, params, outputs)
     if kind == "denoise":
         if expert is None:
             raise ValueError("a denoise unit names its expert")

@@ -100,6 +100,7 @@ class Request:
     last_scheduled: float = 0.0  # when a unit of this request last ran (starvation bound)
     timings: dict[str, float] = field(default_factory=dict)
     trace: list[tuple[str, int, int]] = field(default_factory=list)  # (unit kind, worker, batch size) per unit
+    output: str = "scratch"  # the artifact store its MP4 goes to (a name in WorkerArgs.outputs)
 
     @property
     def total_steps(self) -> int:

@@ -18,6 +18,9 @@ from typing import Protocol, runtime_checkable
 
 CHUNK = 1 << 20  # bytes per read when streaming a video back
 PARTIAL = ".partial"  # directory of unfinished writes, under the root
+# How a request's error starts when its video could not be stored (the job runner then checks the
+# store and reports the server not ready while it stays unwritable).
+STORAGE_FAILED = "could not store the video"
 
 
 class ArtifactStoreError(Exception):

@@ -168,7 +168,7 @@ return lost
 
 # ARGV: id, now (JSON). Returns the hash as it now is, or nil.
 REQUEST_CANCEL = """
-local id, now = ARGV[3], ARGV[4]
+local id, now, expires = ARGV[3], ARGV[4], ARGV[5]
 local key = job_key(id)
 local status = redis.call('HGET', key, 'status')
 if not status then return false end
@@ -176,6 +176,10 @@ if status == 'queued' then
   -- its stream entry stays until a replica reads and drops it (see the module docstring)
   redis.call('HSET', key, 'status', 'cancelled', 'cancel', '1', 'completed_at', now)
   redis.call('SREM', queued, id)
+  if expires ~= '' then
+    redis.call('HSET', key, 'expires_at', expires)
+    redis.call('ZADD', expiry, expires, id)
+  end
 elseif status == 'in_progress' then
   redis.call('HSET', key, 'cancel', '1')
 end
@@ -296,8 +300,9 @@ class RedisJobStore:
         pairs = [value for job_id, step in progress.items() for value in (job_id, int(step))]
         return list(self._run("heartbeat", replica, *pairs))
 
-    def request_cancel(self, job_id: str) -> JobRecord | None:
-        fields = self._run("request_cancel", job_id, json.dumps(time.time()))
+    def request_cancel(self, job_id: str, expires_at: float | None = None) -> JobRecord | None:
+        expires = "" if expires_at is None else repr(float(expires_at))
+        fields = self._run("request_cancel", job_id, json.dumps(time.time()), expires)
         return _record(_pairs(fields)) if fields else None
 
     def cancel_requested(self, job_ids: list[str]) -> set[str]:
@@ -415,6 +420,8 @@ def _record(fields: dict[str, str]) -> JobRecord:
     completed = fields.get("completed_at")
     if completed:
         record.completed_at = json.loads(completed)
+    if fields.get("expires_at"):  # set by a cancel while queued (finish writes it into the JSON)
+        record.expires_at = float(fields["expires_at"])
     return record
 
 

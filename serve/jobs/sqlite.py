@@ -41,7 +41,10 @@ class SqliteJobStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._owner = _exclusive(self.path.with_suffix(".lock"))
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            # A rollback journal, not WAL: the write rate is low (creates, ends, a heartbeat per
+            # step) and a WAL grows to megabytes before it is checkpointed, which a small output
+            # volume does not have.
+            self._db.execute("PRAGMA journal_mode=DELETE")
             self._db.execute("PRAGMA synchronous=FULL")  # a created job survives a power cut
             self._db.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as e:
@@ -82,6 +85,11 @@ class SqliteJobStore:
             return []
         now = time.time()
         with self._transaction() as db:
+            # A job whose replica died after a client asked to cancel it ends cancelled, not run again.
+            for (text,) in db.execute(
+                "SELECT record FROM jobs WHERE status = ? AND heartbeat < ? AND cancel = 1", (IN_PROGRESS, now - idle_s)
+            ).fetchall():
+                _end_cancelled(db, JobRecord.from_json(text), now)
             rows = db.execute(
                 "SELECT record FROM jobs WHERE (status = ? OR (status = ? AND heartbeat < ?)) AND cancel = 0 "
                 "ORDER BY seq LIMIT ?",
@@ -114,18 +122,15 @@ class SqliteJobStore:
                 db.execute("UPDATE jobs SET heartbeat = ?, record = ? WHERE id = ?", (now, record.to_json(), job_id))
         return lost
 
-    def request_cancel(self, job_id: str) -> JobRecord | None:
+    def request_cancel(self, job_id: str, expires_at: float | None = None) -> JobRecord | None:
         with self._transaction() as db:
             row = db.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 return None
             record = JobRecord.from_json(row[0])
             if record.status == QUEUED:
-                record.status, record.completed_at = CANCELLED, time.time()
-                db.execute(
-                    "UPDATE jobs SET status = ?, cancel = 1, record = ? WHERE id = ?",
-                    (CANCELLED, record.to_json(), job_id),
-                )
+                record.expires_at = expires_at
+                _end_cancelled(db, record, time.time())
             elif record.status == IN_PROGRESS:
                 db.execute("UPDATE jobs SET cancel = 1 WHERE id = ?", (job_id,))
         return record
@@ -159,11 +164,13 @@ class SqliteJobStore:
                 _requeue(db, JobRecord.from_json(row[0]))
 
     def requeue_all(self) -> int:
+        now = time.time()
         with self._transaction() as db:
-            rows = db.execute("SELECT record FROM jobs WHERE status = ?", (IN_PROGRESS,)).fetchall()
-            for (text,) in rows:
-                _requeue(db, JobRecord.from_json(text))
-        return len(rows)
+            rows = db.execute("SELECT record, cancel FROM jobs WHERE status = ?", (IN_PROGRESS,)).fetchall()
+            for text, cancel in rows:
+                record = JobRecord.from_json(text)
+                _end_cancelled(db, record, now) if cancel else _requeue(db, record)
+        return sum(1 for _, cancel in rows if not cancel)
 
     def delete(self, job_id: str) -> JobRecord | None:
         with self._transaction() as db:
@@ -241,6 +248,14 @@ class _Transaction:
             self.lock.release()
         if isinstance(error, sqlite3.Error):
             raise StoreUnavailable(f"the job store {self.path} failed: {error}") from error
+
+
+def _end_cancelled(db: sqlite3.Connection, record: JobRecord, now: float) -> None:
+    record.status, record.completed_at, record.owner = CANCELLED, now, None
+    db.execute(
+        "UPDATE jobs SET status = ?, cancel = 1, owner = NULL, record = ? WHERE id = ?",
+        (CANCELLED, record.to_json(), record.id),
+    )
 
 
 def _requeue(db: sqlite3.Connection, record: JobRecord) -> None:

@@ -41,9 +41,9 @@ class JobStore(Protocol):
         """Refresh `replica`'s claims on these running jobs and store their progress. Returns the
         ids among them that `replica` no longer owns (taken over or deleted): stop running them."""
 
-    def request_cancel(self, job_id: str) -> JobRecord | None:
-        """Cancel: a queued job ends `cancelled` now; a running one is flagged for its replica.
-        Returns the record as it now is (None: no such job)."""
+    def request_cancel(self, job_id: str, expires_at: float | None = None) -> JobRecord | None:
+        """Cancel: a queued job ends `cancelled` now (kept until `expires_at`); a running one is
+        flagged for its replica. Returns the record as it now is (None: no such job)."""
 
     def cancel_requested(self, job_ids: list[str]) -> set[str]:
         """Those of `job_ids` that a client asked to cancel."""
@@ -61,7 +61,8 @@ class JobStore(Protocol):
         claimed is queued again. Returns how many."""
 
     def delete(self, job_id: str) -> JobRecord | None:
-        """Remove the record (the caller deletes its artifacts); a running job is flagged cancelled."""
+        """Remove the record (the caller deletes its artifacts). A replica running it learns at its
+        next `heartbeat` (the id comes back as no longer owned) and stops."""
 
     def expired(self, now: float, keep_completed: int) -> list[JobRecord]:
         """Finished records past `expires_at`, and the oldest completed beyond `keep_completed`,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 from collections.abc import Iterable, Sequence
@@ -43,6 +44,12 @@ class Mp4Writer:
         self._container.mux(self._stream.encode(None))
         self._container.close()
 
+    def abort(self) -> None:
+        """Close the file without finishing the video (after a failed write: a deleted file that
+        stays open keeps its disk space until the process lets go of it)."""
+        with contextlib.suppress(Exception):  # the error that got us here is the one to report
+            self._container.close()
+
 
 def encode_mp4(frames: np.ndarray, fps: int, lossless: bool = False) -> bytes:
     """Encode uint8 frames (F, H, W, 3) into MP4 bytes."""
@@ -79,8 +86,18 @@ def stream_chunks_to_mp4s(
     reaching the client as a wrong-sized video. Returns seconds: `decode` (waiting for chunks),
     `mp4` (inside the encoders), `first_chunk` (until the first frames arrived) and `total`."""
     timings = {"decode": 0.0, "mp4": 0.0}
-    start = mark = time.perf_counter()
     writers: list[Mp4Writer] = []
+    try:
+        _encode_chunks(chunks, sinks, fps, lossless, shapes, writers, timings)
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    return timings
+
+
+def _encode_chunks(chunks, sinks, fps, lossless, shapes, writers: list[Mp4Writer], timings: dict) -> None:
+    start = mark = time.perf_counter()
     written = 0
     for frames in chunks:
         now = time.perf_counter()
@@ -89,7 +106,7 @@ def stream_chunks_to_mp4s(
         if not writers:
             timings["first_chunk"] = now - start
             height, width = frames.shape[2:4]
-            writers = [Mp4Writer(sink, width, height, r, lo) for sink, r, lo in zip(sinks, fps, lossless, strict=True)]
+            writers += [Mp4Writer(sink, width, height, r, lo) for sink, r, lo in zip(sinks, fps, lossless, strict=True)]
         for writer, video in zip(writers, frames, strict=True):
             writer.write(video)
         written += frames.shape[1]
@@ -102,7 +119,6 @@ def stream_chunks_to_mp4s(
         writer.close()
     timings["mp4"] += time.perf_counter() - mark
     timings["total"] = time.perf_counter() - start
-    return timings
 
 
 def _check_chunk(frames: np.ndarray, batch: int, shapes, written: int) -> None:

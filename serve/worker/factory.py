@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from serve.engine.config import DType
+from serve.jobs.artifacts import ArtifactTarget
 from serve.loader.config import MemoryConfig
 from serve.lora.config import LoraConfig
 from serve.quant.config import QuantizationConfig
@@ -54,6 +55,9 @@ class WorkerArgs:
     torch_threads: int = 0
     """CPU threads for torch in this worker (0: torch's default). Several CPU workers on one
     machine must split the cores, or each spawns a thread per core and they thrash."""
+    outputs: tuple[tuple[str, ArtifactTarget], ...] = ()
+    """The artifact stores finished MP4s are written to, by name (`EncodeUnit.outputs` picks one
+    per request): the engine's `scratch` for `POST /generate`, `artifacts` for jobs."""
 
 
 def load_model_runner(model_dir: str, device: str, dtype: str, options: RunnerConfig = RunnerConfig()) -> Any:

@@ -1,18 +1,27 @@
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from serve.engine.core import EngineCore
 from serve.engine.executor import Executor
 from serve.engine.scheduler import Scheduler, SchedulerConfig
+from serve.jobs.artifacts import ArtifactTarget
 from serve.worker.factory import WorkerArgs
 from tests.engine.fake_runner import FACTORY
 from tests.requests import tokens
 
 
 def make_core(model_dir: str, factory: str = FACTORY, workers: int = 1, **scheduler) -> EngineCore:
-    args = [WorkerArgs(model_dir, runner_factory=factory, calibrate=False) for _ in range(workers)]
-    return EngineCore(Executor(args, start_timeout_s=30), Scheduler(SchedulerConfig(**scheduler), workers, tokens))
+    """The fake checkpoint's directory doubles as the output root: MP4s land in its `scratch/`."""
+    outputs = {"scratch": ArtifactTarget(str(Path(model_dir) / "scratch"))}
+    args = [
+        WorkerArgs(model_dir, runner_factory=factory, calibrate=False, outputs=tuple(outputs.items()))
+        for _ in range(workers)
+    ]
+    stores = {name: target.open() for name, target in outputs.items()}
+    scheduler_ = Scheduler(SchedulerConfig(**scheduler), workers, tokens)
+    return EngineCore(Executor(args, start_timeout_s=30), scheduler_, stores)
 
 
 @pytest.fixture

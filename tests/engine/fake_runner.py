@@ -9,6 +9,7 @@ The prompt scripts the behaviour:
   "exit"          the worker process dies at the request's second step
   "sleep:<s>"     the request's denoising takes about <s> seconds in all
   "bad-shape"     decoding returns frames of the wrong size
+  "noise"         frames of seeded random noise (an MP4 that does not compress: fills a disk)
 anything else     frames from `fake_frames(params)`.
 Set REELSERVE_FAKE_LOAD_DELAY_S before a (re)start to make the worker's load slow, and
 REELSERVE_FAKE_LOAD_FAIL to make it fail (spawned workers inherit the environment).
@@ -33,6 +34,9 @@ LOAD_FAIL_ENV = "REELSERVE_FAKE_LOAD_FAIL"
 
 def fake_frames(params: GenerationParams) -> np.ndarray:
     """A gradient that differs per seed and per frame, so mix-ups between requests show."""
+    if params.prompt == "noise":
+        shape = (params.num_frames, params.height, params.width, 3)
+        return np.random.default_rng(params.seed).integers(0, 256, shape, dtype=np.uint8)
     f, y, x = np.meshgrid(
         np.arange(params.num_frames), np.arange(params.height), np.arange(params.width), indexing="ij"
     )

@@ -14,10 +14,7 @@ import pytest
 from serve.jobs.artifacts import CHUNK, ArtifactStore, ArtifactStoreError, ArtifactTarget, LocalArtifactStore
 from serve.jobs.records import image_key, video_key
 from serve.jobs.s3 import S3ArtifactStore
-from tests import services
 from tests.services import S3Service, free_port
-
-s3_service = services.s3_service  # the session's S3 server (a pytest fixture)
 
 VIDEO = bytes(range(256)) * (CHUNK * 5 // 2 // 256)  # 2.5 chunks: streamed in three pieces
 

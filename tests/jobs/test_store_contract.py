@@ -18,11 +18,7 @@ from serve.jobs.records import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, QUEUED
 from serve.jobs.redis_store import RedisJobStore
 from serve.jobs.sqlite import SqliteJobStore
 from serve.jobs.store import JobStore, StoreUnavailable
-from tests import services
 from tests.services import RedisService, free_port
-
-redis_service = services.redis_service  # the session's redis-server (pytest fixtures)
-redis_url = services.redis_url
 
 IDLE_S = 1.0  # small claim idle time for the takeover tests
 PAST_IDLE_S = IDLE_S * 1.3  # how long a claim is left unrefreshed to be taken over
@@ -209,6 +205,16 @@ def test_cancel_a_queued_job_ends_it_now(store: JobStore) -> None:
     assert store.claim("a", 5, 0.0) == []
     assert not store.finish(job_id, "a", ended(store, job_id, COMPLETED))
     assert store.request_cancel("video_nope") is None
+
+
+def test_a_job_cancelled_while_queued_expires_like_any_other(store: JobStore) -> None:
+    """Retention must reach records no replica ever finished: the cancel gives their expiry."""
+    (job_id,) = create(store, 1)
+    now = time.time()
+    assert store.request_cancel(job_id, expires_at=now + 5).expires_at == now + 5
+    assert store.expired(now, keep_completed=10) == []
+    assert [r.id for r in store.expired(now + 6, keep_completed=10)] == [job_id]
+    assert store.get(job_id) is None
 
 
 def test_cancel_a_running_job_flags_it_for_its_replica(store: JobStore) -> None:
