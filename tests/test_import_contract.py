@@ -13,6 +13,9 @@ Every import counts, including those inside functions: a lazy import is still a 
 - The registry and the specs import no torch and nothing from serve.
 - The memory planner (serve.loader.planner) and the inspect report (models.inspect) do not
   import each other's way round: the report uses the planner, never the reverse.
+- The stores (serve.jobs: job records, the work queue, artifacts) know requests and configs only:
+  no engine loop, worker, API or model. The API's job service (serve.api.jobs) wires them to the
+  engine; the worker opens an artifact store to write its videos.
 """
 
 from __future__ import annotations
@@ -115,6 +118,15 @@ def test_registry_and_specs_are_torch_free_and_serve_free():
     assert violations(project_modules("models"), lambda m: within(m, FAMILY_TORCH_FREE), forbidden) == []
 
 
+def test_the_stores_know_requests_and_configs_only():
+    allowed = ("serve.jobs", "serve.engine.request", "serve.frozen")
+
+    def forbidden(module: str, imported: str) -> bool:
+        return within(imported, ("serve", "models", "torch")) and not within(imported, allowed)
+
+    assert violations(project_modules("serve"), lambda m: within(m, ("serve.jobs",)), forbidden) == []
+
+
 def test_planner_does_not_import_the_inspect_report():
     """The report uses the planner; the planner's memory model lives in serve/loader."""
     planner = project_modules("serve")["serve.loader.planner"]
@@ -125,6 +137,7 @@ def test_planner_does_not_import_the_inspect_report():
     "modules",
     [
         "serve.api.app, serve.engine.client, serve.config, serve.engine.messages",
+        "serve.api.server, serve.jobs.sqlite, serve.jobs.redis_store, serve.jobs.s3",
         "models.registry, models.wan.spec, serve.worker.runner, serve.worker.worker",
     ],
 )

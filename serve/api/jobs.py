@@ -252,7 +252,7 @@ class JobRunner:
         self._probe_artifacts()
         if not self.draining and self.unwritable is None:
             self._claim()
-        self._prune()
+        self.prune()
 
     def _settle_finished(self) -> None:
         """Write each ended job's outcome; it stays in `running` until the store has it (a store
@@ -364,8 +364,10 @@ class JobRunner:
         log.info("the artifact store is writable again")
         self.unwritable = None
 
-    def _prune(self) -> None:
-        if time.monotonic() - self._last_prune < PRUNE_EVERY_S:
+    def prune(self, now: bool = False) -> None:
+        """Delete expired jobs, and the oldest finished beyond `max_stored_videos`: records and
+        files together. Every PRUNE_EVERY_S from the loop; `now` forces it (tests)."""
+        if not now and time.monotonic() - self._last_prune < PRUNE_EVERY_S:
             return
         self._last_prune = time.monotonic()
         for record in self.store.expired(time.time(), self.service.config.max_stored_videos):
