@@ -77,12 +77,16 @@ def finished_here(server: ServerProcess, status: str = "finished") -> int:
 
 
 def test_any_replica_answers_for_any_job(shared):
-    """Created on A; retrieved, listed, downloaded and deleted (cancelling it) on B."""
-    a, b = shared("a"), shared("b")
+    """Created on A; retrieved, listed, downloaded and deleted (cancelling it) on B. B hands out
+    presigned S3 URLs instead of streaming the video itself (--presigned-urls)."""
+    a, b = shared("a"), shared("b", "--presigned-urls")
     done = create(a, 0.2, seed=1)
     assert wait_until(b, done)["status"] == "completed"
-    assert_video(b, done, 0.2, seed=1)
     assert_video(a, done, 0.2, seed=1)
+    redirect = httpx.get(f"{b.url}/v1/videos/{done}/content")
+    assert redirect.status_code == 307 and "X-Amz-Signature=" in redirect.headers["location"]
+    frames = decode_mp4(httpx.get(redirect.headers["location"]).content)[0]
+    np.testing.assert_array_equal(frames, fake_frames(make_params(prompt="sleep:0.2", seed=1, **SIZE)))
     running = create(a, 60, seed=2)
     wait_until(b, running, statuses=("in_progress",))
     listed_on_b = httpx.get(f"{b.url}/v1/videos", params={"limit": 100}).json()["data"]
