@@ -11,6 +11,7 @@ one torch-free sub-config per package, each declared once in its package and han
     vae        serve/vae/config.py       VaeDecodeConfig     tiled, chunked, parallel decode
     memory     serve/loader/config.py    MemoryConfig        memory mode, weight storage, budgets
     jobs       serve/jobs/config.py      JobsConfig          job store, artifact store, claims
+    access     serve/api/config.py       AccessConfig        API keys, connection timeouts
 
 The command line is generated from these fields (serve/cli_flags.py): a field's flag, help, type,
 choices and default all come from here. Every bound a request is checked against lives in
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
+from serve.api.config import AccessConfig
 from serve.engine.config import SchedulerConfig, WorkersConfig
 from serve.frozen import FrozenConfig, flag
 from serve.jobs.config import JobsConfig
@@ -103,6 +105,8 @@ class ServerConfig(FrozenConfig):
     left then stays queued in the job store for the next start or another replica."""
     jobs: JobsConfig = JobsConfig()
     """Job store, artifact store and claims."""
+    access: AccessConfig = AccessConfig()
+    """API keys and connection timeouts."""
     limits: Limits = Limits()
     """Per-request bounds enforced by the API."""
     workers: WorkersConfig = WorkersConfig()

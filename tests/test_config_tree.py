@@ -49,6 +49,7 @@ SAMPLES = {
     ("jobs", "job_store"): "redis://127.0.0.1:6379/0",
     ("jobs", "artifacts"): "s3://videos/reelserve",
     ("jobs", "s3_endpoint_url"): "http://127.0.0.1:8333",
+    ("access", "api_keys"): "a-long-random-key",
 }
 
 
@@ -81,6 +82,7 @@ def sample(flag: Flag, action: argparse.Action, tmp_path: Path) -> tuple[str, ob
         text = str((default or 0) + 0.5)
     elif kind is Path:
         text = str(tmp_path / flag.dest)
+        (tmp_path / flag.dest).write_text("a-key-from-a-file\n")  # files named by flags are read at start
     else:
         raise AssertionError(f"{flag.name}: add a sample value to SAMPLES")
     value = kind(text) if kind else text

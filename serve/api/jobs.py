@@ -20,6 +20,7 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from serve.config import ServerConfig
 from serve.engine.client import (
@@ -67,12 +68,6 @@ PROBE_EVERY_S = 2.0  # while the artifact store is unwritable, how often to try 
 SQLITE_FILE = "jobs.sqlite3"  # the embedded store, in the output directory
 
 
-class JobQueueFull(Exception):
-    def __init__(self, queued: int) -> None:
-        super().__init__(f"{queued} jobs are waiting; retry later")
-        self.queued = queued
-
-
 @dataclass(frozen=True)
 class LiveState:
     """What the engine knows of a job running here, finer than the record: queue position, ETA."""
@@ -102,24 +97,40 @@ class JobService:
 
     # ---- the routes' verbs ----------------------------------------------------------------------
 
-    def create(self, params: GenerationParams) -> JobRecord:
+    def create(self, params: GenerationParams, tenant: str | None = None) -> JobRecord:
         """Store the job (and its conditioning image) and return at once; the runner picks it up.
-        Raises JobQueueFull, StoreUnavailable or ArtifactStoreError."""
-        queued = self.store.count_queued()
-        if queued >= self.config.jobs.max_queued_jobs:
-            raise JobQueueFull(queued)
+        Raises StoreUnavailable or ArtifactStoreError (admission is `serve.api.admission`'s)."""
         job_id = f"video_{uuid.uuid4().hex}"
         size = None
         if params.image is not None:
             size = (params.image.width, params.image.height)
             self.artifacts.put_bytes(image_key(job_id), params.image.rgb)
-        record = JobRecord(job_id, self.model, _without_image(params), created_at=time.time(), image_size=size)
+        record = JobRecord(
+            job_id, self.model, _without_image(params), created_at=time.time(), image_size=size, tenant=tenant
+        )
         self.store.create(record)
         self.runner.wake()
         return record
 
-    def get(self, job_id: str) -> JobRecord | None:
-        return self.store.get(job_id)
+    def get(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
+        """The job, if it exists and belongs to `tenant` (another caller's job does not exist for
+        this one: 404, not 403, so ids cannot be probed)."""
+        record = self.store.get(job_id)
+        return record if record is not None and record.tenant == tenant else None
+
+    def list(
+        self, after: str | None, limit: int, order: Literal["asc", "desc"], tenant: str | None = None
+    ) -> tuple[list[JobRecord], bool]:
+        """One page of `tenant`'s jobs. The stores index jobs by creation only, so with several
+        callers this reads pages of all jobs and keeps the caller's (fine for thousands of jobs;
+        a per-caller index would be the next step)."""
+        page: list[JobRecord] = []
+        cursor, more = after, True
+        while more and len(page) <= limit:
+            batch, more = self.store.list(cursor, max(100, limit + 1), order)
+            page += [r for r in batch if r.tenant == tenant]
+            cursor = batch[-1].id if batch else None
+        return page[:limit], len(page) > limit
 
     def live(self, record: JobRecord) -> LiveState | None:
         """The engine's view of a job that runs on this replica now (None elsewhere or once done)."""
@@ -139,9 +150,11 @@ class JobService:
             self.engine.cancel(job_id)  # at its next step, if it runs here; elsewhere its replica sees the flag
         return record
 
-    def delete(self, job_id: str) -> bool:
+    def delete(self, job_id: str, tenant: str | None = None) -> bool:
         """Cancel it if it runs (here at once, elsewhere at its replica's next heartbeat) and delete
         its record, video and image."""
+        if self.get(job_id, tenant) is None:
+            return False
         record = self.store.delete(job_id)
         if record is None:
             return False

@@ -9,6 +9,7 @@ import time
 
 import uvicorn
 
+from serve.api.access import with_header_timeout
 from serve.api.app import create_app
 from serve.api.jobs import JobService, open_job_service
 from serve.config import ServerConfig
@@ -80,7 +81,14 @@ def run_server(config: ServerConfig, client: EngineClient | None = None) -> None
         raise ServerStartError(str(e)) from e
     app = create_app(config, client, jobs=jobs)
     server = DrainingServer(
-        uvicorn.Config(app, host=config.host, port=config.port, log_level="info"),
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="info",
+            http=with_header_timeout(config.access.header_timeout_s),
+            timeout_keep_alive=config.access.keep_alive_timeout_s,
+        ),
         jobs,
         client,
         config.shutdown_timeout_s,

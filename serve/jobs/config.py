@@ -34,8 +34,6 @@ class JobsConfig(FrozenConfig):
     """How long a presigned download URL stays valid."""
     claim_idle_s: float = Field(60.0, gt=0)
     """A running job whose replica has not refreshed its claim for this long is taken over by another."""
-    max_queued_jobs: int = Field(1000, ge=1)
-    """Jobs waiting in the store before `POST /v1/videos` answers 429."""
 
     @model_validator(mode="before")
     @classmethod

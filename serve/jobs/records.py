@@ -45,6 +45,8 @@ class JobRecord:
     """The replica running it (claims), or None while queued."""
     attempts: int = 0
     """How many times a replica claimed it (a takeover or a restart claims again)."""
+    tenant: str | None = None
+    """Who created it, with API keys on (a hash of the key): only that caller sees it."""
     timings: dict[str, float] = field(default_factory=dict)
 
     @property

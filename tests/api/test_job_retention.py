@@ -9,7 +9,6 @@ import httpx
 import pytest
 
 from serve.engine.config import SchedulerConfig
-from serve.jobs.config import JobsConfig
 from tests.api.conftest import fake_server
 
 TIMEOUT_S = 120  # guards against hangs only
@@ -52,14 +51,13 @@ def test_retention_deletes_the_record_and_the_video_together(limit, tiny_model_d
 
 
 def test_a_full_job_queue_answers_429_and_loses_nothing(tiny_model_dir, tmp_path):
-    """One job runs, one waits in the store; with room for one waiting job the next is a 429
+    """One job runs, one waits in the store; with room for one waiting request the next is a 429
     in OpenAI's error shape, and both accepted jobs still complete."""
     with (
         fake_server(
             tiny_model_dir,
             output_dir=tmp_path,
-            jobs=JobsConfig(max_queued_jobs=1),
-            scheduler=SchedulerConfig(max_running_per_worker=1),
+            scheduler=SchedulerConfig(max_queue=1, max_running_per_worker=1),
         ) as server,
         server.client() as http,
     ):
