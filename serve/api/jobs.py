@@ -26,6 +26,7 @@ from serve.config import ServerConfig
 from serve.engine.client import (
     ARTIFACTS,
     SCRATCH,
+    DuplicateRequest,
     EngineClient,
     EngineUnavailable,
     GenerationFailed,
@@ -33,7 +34,13 @@ from serve.engine.client import (
     QueueFull,
 )
 from serve.engine.request import GenerationParams, RequestStatus
-from serve.jobs.artifacts import STORAGE_FAILED, ArtifactStore, ArtifactStoreError
+from serve.jobs.artifacts import (
+    STORAGE_FAILED,
+    ArtifactStore,
+    ArtifactStoreError,
+    LocalArtifactStore,
+    cause_of,
+)
 from serve.jobs.records import (
     CANCELLED,
     COMPLETED,
@@ -155,12 +162,9 @@ class JobService:
         its record, video and image."""
         if self.get(job_id, tenant) is None:
             return False
-        record = self.store.delete(job_id)
-        if record is None:
-            return False
         self.engine.cancel(job_id)
-        self.delete_artifacts(job_id)
-        return True
+        self.delete_artifacts(job_id)  # files first: a record is never gone while its files stay
+        return self.store.delete(job_id) is not None
 
     def content(self, record: JobRecord):
         """The video's bytes in chunks, or None if its file is gone."""
@@ -177,6 +181,22 @@ class JobService:
                 self.artifacts.delete(key)
             except ArtifactStoreError as e:  # retention tries again later; the record is gone already
                 log.warning("could not delete %s: %s", key, e)
+
+    def sweep_leftovers(self) -> None:
+        """What a killed process left in this host's directories: half-written videos, and
+        `/generate` results nobody collected. Only local stores this process owns (the output
+        directory is locked to one process; S3 writes never leave a partial object)."""
+        swept = 0
+        for store in (self.engine.stores[SCRATCH], self.artifacts):
+            if isinstance(store, LocalArtifactStore):
+                swept += store.sweep_partial()
+        scratch = self.engine.stores[SCRATCH]
+        if isinstance(scratch, LocalArtifactStore):
+            for path in (scratch.root / "videos").glob("*.mp4"):
+                path.unlink(missing_ok=True)
+                swept += 1
+        if swept:
+            log.info("removed %d file(s) a previous process left unfinished", swept)
 
     # ---- readiness ------------------------------------------------------------------------------
 
@@ -197,6 +217,9 @@ class JobRunner:
         self.service = service
         self.replica = replica
         self.running: dict[str, Future[GenerationResult]] = {}  # job id -> the engine's future
+        # Jobs this replica lost (deleted, or taken over) whose engine request has not ended yet:
+        # a decode cannot be stopped, so its video may still be written and need deleting.
+        self.abandoned: dict[str, Future[GenerationResult]] = {}
         self.draining = False
         self.unwritable: str | None = None  # why the artifact store failed, until a probe succeeds
         self._wake = threading.Event()
@@ -224,6 +247,7 @@ class JobRunner:
             requeued = self.store.requeue_all()
             if requeued:
                 log.info("queued again %d job(s) that the previous process was running", requeued)
+        self.service.sweep_leftovers()
         self._thread.start()
 
     def wake(self) -> None:
@@ -260,6 +284,7 @@ class JobRunner:
 
     def tick(self) -> None:
         self._settle_finished()
+        self._settle_abandoned()
         self._forward_cancels()
         self._heartbeat()
         self._probe_artifacts()
@@ -271,9 +296,22 @@ class JobRunner:
         """Write each ended job's outcome; it stays in `running` until the store has it (a store
         that fails meanwhile raises out of the tick, and the next tick tries again)."""
         for job_id, future in list(self.running.items()):
-            if future.done():
+            if not future.done():
+                continue
+            try:
                 self._finish(job_id, future)
-                del self.running[job_id]
+            except StoreUnavailable:
+                raise
+            except Exception:  # a bug in one outcome must not wedge the runner for every job
+                log.exception("could not settle job %s", job_id)
+            del self.running[job_id]
+
+    def _settle_abandoned(self) -> None:
+        for job_id, future in list(self.abandoned.items()):
+            if future.done():
+                del self.abandoned[job_id]
+                if not future.cancelled() and future.exception() is None and self.store.get(job_id) is None:
+                    self.service.delete_artifacts(job_id)  # deleted while it decoded: drop its video
 
     def _forward_cancels(self) -> None:
         for job_id in self.store.cancel_requested(list(self.running)):
@@ -292,12 +330,13 @@ class JobRunner:
         due = time.monotonic() - self._last_heartbeat >= self.service.config.jobs.claim_idle_s / 4
         if not due and progress == self._reported:
             return
-        self._last_heartbeat, self._reported = time.monotonic(), progress
-        for job_id in self.store.heartbeat(self.replica, progress):
+        lost = self.store.heartbeat(self.replica, progress)
+        self._last_heartbeat, self._reported = time.monotonic(), progress  # only once it is stored
+        for job_id in lost:
             # Deleted, or taken over by a replica that thought this one dead: stop spending on it.
             log.info("job %s is no longer this replica's; cancelling it here", job_id)
             self.service.engine.cancel(job_id)
-            self.running.pop(job_id, None)
+            self.abandoned[job_id] = self.running.pop(job_id)
 
     def _claim(self) -> None:
         room = self.capacity - len(self.running)
@@ -319,7 +358,9 @@ class JobRunner:
             params = with_image(params, record.image_size, rgb)
         try:
             self.running[record.id] = self.service.engine.submit(params, record.id)
-        except (QueueFull, EngineUnavailable):  # /generate took the room meanwhile: let it wait in the store
+        except (QueueFull, EngineUnavailable, DuplicateRequest):
+            # /generate took the room meanwhile, or its earlier run here has not ended: let it wait
+            # in the store.
             self.store.release(record.id, self.replica)
 
     def _finish(self, job_id: str, future: Future[GenerationResult]) -> None:
@@ -361,7 +402,7 @@ class JobRunner:
         try:
             self.service.artifacts.check()
         except ArtifactStoreError as e:
-            self.unwritable = str(e)
+            self.unwritable = cause_of(e)
             self._last_probe = time.monotonic()
             log.error("%s; not ready until it can be written again", e)
 
@@ -372,7 +413,7 @@ class JobRunner:
         try:
             self.service.artifacts.check()
         except ArtifactStoreError as e:
-            self.unwritable = str(e)
+            self.unwritable = cause_of(e)
             return
         log.info("the artifact store is writable again")
         self.unwritable = None

@@ -20,6 +20,8 @@ from serve.jobs.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 DRAIN_POLL_S = 0.1
+# After the drain, how long uvicorn waits for open responses (a video still streaming) to finish.
+SHUTDOWN_GRACE_S = 30
 
 
 class ServerStartError(RuntimeError):
@@ -39,6 +41,8 @@ class DrainingServer(uvicorn.Server):
         self._draining: threading.Thread | None = None
 
     def handle_exit(self, sig: int, frame) -> None:
+        if sig == signal.SIGTERM and self._draining is not None:  # a second SIGTERM: stop now
+            self.force_exit = True
         if sig != signal.SIGTERM or self._draining is not None:
             super().handle_exit(sig, frame)
             return
@@ -51,7 +55,13 @@ class DrainingServer(uvicorn.Server):
         deadline = time.monotonic() + self.timeout_s
         while not self._idle() and time.monotonic() < deadline:
             time.sleep(DRAIN_POLL_S)
-        log.info("drain %s; shutting down", "complete" if self._idle() else "timed out: the rest stays queued")
+        if not self._idle():
+            # Out of time: what still runs fails as unavailable (jobs go back to the store, queued;
+            # a `POST /generate` gets a 503), so no open request holds the process past the deadline.
+            log.info("drain timed out: the rest stays queued")
+            self.engine.fail_all("the server is shutting down")
+        else:
+            log.info("drain complete; shutting down")
         # should_exit, not handle_exit: uvicorn re-raises the signals handle_exit captured once it
         # has shut down, and a drained SIGTERM is a clean exit (code 0), not death by signal.
         self.should_exit = True
@@ -88,6 +98,7 @@ def run_server(config: ServerConfig, client: EngineClient | None = None) -> None
             log_level="info",
             http=with_header_timeout(config.access.header_timeout_s),
             timeout_keep_alive=config.access.keep_alive_timeout_s,
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         ),
         jobs,
         client,

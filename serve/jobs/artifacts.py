@@ -102,29 +102,42 @@ class LocalArtifactStore:
             path.write_bytes(data)
 
     def get_bytes(self, key: str) -> bytes | None:
-        try:
-            return self.path(key).read_bytes()
-        except FileNotFoundError:
-            return None
+        with _as_store_error("read"):
+            try:
+                return self.path(key).read_bytes()
+            except FileNotFoundError:
+                return None
 
     def stream(self, key: str) -> Iterator[bytes] | None:
-        try:
-            handle = self.path(key).open("rb")
-        except FileNotFoundError:
-            return None
+        with _as_store_error("read"):
+            try:
+                handle = self.path(key).open("rb")
+            except FileNotFoundError:
+                return None
         return _chunks(handle)
 
     def size(self, key: str) -> int | None:
-        try:
-            return self.path(key).stat().st_size
-        except FileNotFoundError:
-            return None
+        with _as_store_error("read"):
+            try:
+                return self.path(key).stat().st_size
+            except FileNotFoundError:
+                return None
 
     def url(self, key: str, ttl_s: int) -> str | None:
         return None
 
     def delete(self, key: str) -> None:
-        self.path(key).unlink(missing_ok=True)
+        with _as_store_error("delete from"):
+            self.path(key).unlink(missing_ok=True)
+
+    def sweep_partial(self) -> int:
+        """Remove unfinished writes a killed process left behind (at start, when this process
+        owns the directory). Returns how many."""
+        partial = self.root / PARTIAL
+        leftovers = [p for p in partial.iterdir() if p.is_file()] if partial.is_dir() else []
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return len(leftovers)
 
     def check(self) -> None:
         try:
@@ -133,6 +146,22 @@ class LocalArtifactStore:
             self.delete(f"{PARTIAL}-probe")
         except (OSError, ArtifactStoreError) as e:
             raise ArtifactStoreError(f"output directory {self.root} is not writable: {_cause(e)}") from e
+
+
+@contextlib.contextmanager
+def _as_store_error(verb: str) -> Iterator[None]:
+    """OS errors (read-only, permission, I/O) as ArtifactStoreError, which callers handle."""
+    try:
+        yield
+    except OSError as e:
+        raise ArtifactStoreError(f"could not {verb} the output directory: {e.strerror or e}") from e
+
+
+def cause_of(error: BaseException) -> str:
+    """What went wrong, without where: an OS error's text ("No space left on device") or the
+    error's class. Clients see this; the log has the whole message with paths and endpoints."""
+    cause = error.__cause__ or error
+    return getattr(cause, "strerror", None) or type(cause).__name__
 
 
 def _chunks(handle) -> Iterator[bytes]:

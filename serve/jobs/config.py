@@ -51,6 +51,17 @@ class JobsConfig(FrozenConfig):
             raise ValueError(f"job store {value!r}: use sqlite (the default) or redis://HOST:PORT/DB")
         return value
 
+    @model_validator(mode="after")
+    def _replicas_share_their_files_too(self) -> JobsConfig:
+        """A job created on one replica may run on another and be downloaded from a third: with a
+        shared job store, a per-host directory would lose its images and videos."""
+        if self.shared and not (self.artifacts or "").startswith("s3://"):
+            raise ValueError(
+                "with a shared --job-store the replicas must share their files too: "
+                "pass --artifacts s3://BUCKET/PREFIX (and --s3-endpoint-url for a non-AWS server)"
+            )
+        return self
+
     @property
     def shared(self) -> bool:
         """Whether several replicas may share this store (Redis) or one process owns it (SQLite)."""

@@ -8,6 +8,7 @@ lock beside it), which is what makes that requeue safe; several replicas share R
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import sqlite3
 import threading
@@ -40,7 +41,9 @@ class SqliteJobStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._owner = _exclusive(self.path.with_suffix(".lock"))
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            # A short busy timeout: the lock is held meanwhile (an operator's `sqlite3` reading the
+            # file must not stall the server for long).
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=1.0)
             # A rollback journal, not WAL: the write rate is low (creates, ends, a heartbeat per
             # step) and a WAL grows to megabytes before it is checkpointed, which a small output
             # volume does not have.
@@ -161,7 +164,7 @@ class SqliteJobStore:
                 "SELECT record FROM jobs WHERE id = ? AND owner = ? AND status = ?", (job_id, replica, IN_PROGRESS)
             ).fetchone()
             if row is not None:
-                _requeue(db, JobRecord.from_json(row[0]))
+                _requeue_or_cancel(db, JobRecord.from_json(row[0]), job_id)
 
     def requeue_all(self) -> int:
         now = time.time()
@@ -185,8 +188,9 @@ class SqliteJobStore:
             ).fetchall()
             records = [JobRecord.from_json(r[0]) for r in rows]
             kept = [r for r in records if r.expires_at is None or r.expires_at > now]
+            kept_ids = {r.id for r in kept}
             completed = [r for r in kept if r.status != CANCELLED and r.artifact is not None]
-            gone = [r for r in records if r not in kept] + completed[keep_completed:]
+            gone = [r for r in records if r.id not in kept_ids] + completed[keep_completed:]
             for record in gone:
                 db.execute("DELETE FROM jobs WHERE id = ?", (record.id,))
         return gone
@@ -242,6 +246,11 @@ class _Transaction:
         try:
             self.db.execute("COMMIT" if kind is None else "ROLLBACK")
         except sqlite3.Error as e:
+            # A failed COMMIT (locked, disk full, I/O error) leaves the transaction open: roll it
+            # back, or every later BEGIN fails and the store is stuck until a restart.
+            if self.db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
             if kind is None:
                 raise StoreUnavailable(f"the job store {self.path} failed: {e}") from e
         finally:
@@ -256,6 +265,16 @@ def _end_cancelled(db: sqlite3.Connection, record: JobRecord, now: float) -> Non
         "UPDATE jobs SET status = ?, cancel = 1, owner = NULL, record = ? WHERE id = ?",
         (CANCELLED, record.to_json(), record.id),
     )
+
+
+def _requeue_or_cancel(db: sqlite3.Connection, record: JobRecord, job_id: str) -> None:
+    """A job given back is queued again, unless a client asked to cancel it meanwhile: then it
+    ends cancelled (nobody would ever claim a queued job with the flag set)."""
+    (cancel,) = db.execute("SELECT cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if cancel:
+        _end_cancelled(db, record, time.time())
+    else:
+        _requeue(db, record)
 
 
 def _requeue(db: sqlite3.Connection, record: JobRecord) -> None:

@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 
+from serve.api import jobs as service
 from serve.engine.config import SchedulerConfig
 from tests.api.conftest import fake_server
 
@@ -30,7 +31,8 @@ def wait_until(http: httpx.Client, job_id: str, statuses=("completed", "failed",
 
 
 @pytest.mark.parametrize("limit", ["count", "ttl"])
-def test_retention_deletes_the_record_and_the_video_together(limit, tiny_model_dir, tmp_path):
+def test_retention_deletes_the_record_and_the_video_together(limit, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(service, "PRUNE_EVERY_S", 3600.0)  # only the test's prune(now=True) prunes
     config = {"max_stored_videos": 1} if limit == "count" else {"video_ttl_s": 1.0}
     with fake_server(tiny_model_dir, output_dir=tmp_path, **config) as server, server.client() as http:
         old = create(http, seed=1)
@@ -72,7 +74,8 @@ def test_a_full_job_queue_answers_429_and_loses_nothing(tiny_model_dir, tmp_path
 
 
 def test_generate_leaves_no_file_behind(tiny_model_dir, tmp_path):
-    """`POST /generate` answers with the MP4 the worker wrote to scratch, and deletes it once sent."""
+    """`POST /generate` answers with the MP4 the worker wrote to scratch (the video's bytes, with
+    its length), and deletes the file once sent."""
     with fake_server(tiny_model_dir, output_dir=tmp_path) as server, server.client() as http:
         response = http.post("/generate", json={"prompt": "a cat", "seed": 3, **SIZE})
         assert response.status_code == 200 and response.content[4:8] == b"ftyp"

@@ -95,24 +95,17 @@ def _children(pid: int) -> list[int]:
 
 
 def main(argv: list[str]) -> int:
-    from serve.api.server import ServerStartError, run_server
-    from serve.cli import UserFacingError, _build_parser, server_config
-    from serve.engine.client import EngineClient
+    """`reelserve` itself (serve.cli.main: its flags, its one-line errors, its exit codes), with
+    the fake runner as the engine's runner factory."""
+    import functools
+
+    from serve.api import server
+    from serve.cli import main as reelserve
     from tests.engine.fake_runner import FACTORY
 
-    config = server_config(_build_parser().parse_args(argv))
-    try:
-        run_server(config, EngineClient(config, runner_factory=FACTORY))
-    except ServerStartError as e:
-        raise UserFacingError(str(e)) from e
-    return 0
+    server.EngineClient = functools.partial(server.EngineClient, runner_factory=FACTORY)
+    return reelserve(argv)
 
 
 if __name__ == "__main__":
-    from serve.cli import UserFacingError
-
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except UserFacingError as e:
-        print(f"reelserve: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main(sys.argv[1:]))

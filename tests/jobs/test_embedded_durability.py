@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -103,11 +104,13 @@ def test_sigterm_drains_running_work_and_refuses_new_work_meanwhile(tiny_model_d
     proc = server(tiny_model_dir, output_dir, tmp_path, "--shutdown-timeout-s", "600").start()
     try:
         with proc.client() as client:
-            running = job(client, 3, seed=5)
+            running = job(client, 8, seed=5)  # runs well past the checks below
             wait_until(client, running, statuses=("in_progress",))
             proc.signal(signal.SIGTERM)
+            deadline = time.monotonic() + TIMEOUT_S
             ready = client.get("/ready")
             while ready.status_code == 200:  # the signal handler runs between two requests
+                assert time.monotonic() < deadline, "/ready never turned 503 after SIGTERM"
                 ready = client.get("/ready")
             assert ready.status_code == 503 and "shutting down" in ready.json()["reason"]
             refused = client.post("/v1/videos", json={"prompt": "late", **SIZE})
@@ -118,7 +121,7 @@ def test_sigterm_drains_running_work_and_refuses_new_work_meanwhile(tiny_model_d
         proc.stop()
     with server(tiny_model_dir, output_dir, tmp_path) as again, again.client() as client:
         assert client.get(f"/v1/videos/{running}").json()["status"] == "completed"
-        assert_video(client, running, 3, seed=5)
+        assert_video(client, running, 8, seed=5)
 
 
 def test_a_queued_job_whose_image_is_gone_fails_with_the_reason(tiny_model_dir, output_dir, tmp_path):
@@ -132,7 +135,7 @@ def test_a_queued_job_whose_image_is_gone_fails_with_the_reason(tiny_model_dir, 
     params = make_params(prompt="sleep:0.1", seed=9, **SIZE)
     store.create(JobRecord("video_lost_image", "wan22-tiny", params, time.time(), image_size=(32, 32)))
     store.close()
-    assert not (output_dir / "videos" / image_key("video_lost_image")).exists()
+    assert not (output_dir / image_key("video_lost_image")).exists()  # where the artifact store keeps it
     with server(tiny_model_dir, output_dir, tmp_path) as proc, proc.client() as client:
         video = wait_until(client, "video_lost_image")
     assert video["status"] == "failed" and "input image" in video["error"]["message"]
@@ -234,3 +237,26 @@ def test_an_artifact_store_turned_read_only_fails_jobs_and_the_server_is_not_rea
             assert wait_until(client, small)["status"] == "completed"
             assert_video(client, small, 0.1, seed=4)
         assert sorted(p.name for p in source.rglob("*") if p.is_file()) == [f"{small}.mp4"]
+
+
+def test_a_drain_that_runs_out_of_time_ends_open_requests_and_exits_0(tiny_model_dir, output_dir, tmp_path):
+    """A `POST /generate` still running at the drain deadline gets a 503 instead of holding the
+    process open; the process exits 0."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    proc = server(tiny_model_dir, output_dir, tmp_path, "--shutdown-timeout-s", "1").start()
+    try:
+        with ThreadPoolExecutor(1) as pool, proc.client() as client:
+            body = {"prompt": "sleep:120", "seed": 6, **SIZE}
+            pending = pool.submit(httpx.post, f"{proc.url}/generate", json=body, timeout=TIMEOUT_S)
+            deadline = time.monotonic() + TIMEOUT_S
+            while not re.search(r"^reelserve_running_requests 1", client.get("/metrics").text, re.MULTILINE):
+                assert time.monotonic() < deadline, "the request never started"
+                time.sleep(0.1)
+            proc.signal(signal.SIGTERM)
+            assert proc.wait() == 0
+            response = pending.result()
+        assert response.status_code == 503 and "shutting down" in response.json()["detail"]
+    finally:
+        proc.stop()

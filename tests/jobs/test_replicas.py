@@ -23,7 +23,9 @@ from tests.requests import make_params
 
 TIMEOUT_S = 300  # guards against hangs only
 SIZE = {"width": 32, "height": 32, "num_frames": 5, "num_inference_steps": 4, "lossless": True}
-CLAIM_IDLE_S = "2"  # a killed replica's job is taken over after this long without a heartbeat
+# A killed replica's job is taken over after this long without a heartbeat: long enough that a
+# replica stalled by a loaded machine is not mistaken for a dead one.
+CLAIM_IDLE_S = "5"
 
 
 @pytest.fixture
@@ -76,6 +78,12 @@ def finished_here(server: ServerProcess, status: str = "finished") -> int:
     return int(float(match[1])) if match else 0
 
 
+def running_here(server: ServerProcess) -> int:
+    """Requests this replica's workers hold now (its Prometheus gauge)."""
+    text = httpx.get(f"{server.url}/metrics").text
+    return int(float(re.search(r"^reelserve_running_requests (\S+)$", text, re.MULTILINE)[1]))
+
+
 def test_any_replica_answers_for_any_job(shared):
     """Created on A; retrieved, listed, downloaded and deleted (cancelling it) on B. B hands out
     presigned S3 URLs instead of streaming the video itself (--presigned-urls)."""
@@ -103,13 +111,14 @@ def test_any_replica_answers_for_any_job(shared):
 def test_a_killed_replicas_job_is_taken_over_and_finished(shared, redis_url):
     """SIGKILL of the replica running a job: once its claim has been idle for --claim-idle-s the
     other replica takes the job over and finishes it, with the same seed, so the same video."""
-    a = shared("a")
-    job_id = create(a, 4, seed=3)
+    a, b = shared("a"), shared("b")
+    job_id = create(a, 20, seed=3)
     wait_until(a, job_id, statuses=("in_progress",))
-    b = shared("b")
-    a.kill()
-    assert wait_until(b, job_id)["status"] == "completed"
-    assert_video(b, job_id, 4, seed=3)
+    owner, other = (a, b) if running_here(a) else (b, a)
+    assert running_here(owner) == 1 and running_here(other) == 0
+    owner.kill()
+    assert wait_until(other, job_id)["status"] == "completed"
+    assert_video(other, job_id, 20, seed=3)
     store = RedisJobStore(redis_url)
     try:
         assert store.get(job_id).attempts == 2  # claimed by A, then taken over by B
@@ -147,7 +156,21 @@ def test_a_missing_bucket_is_refused_at_start_naming_it(s3_service, tiny_model_d
     assert "Traceback" not in result.stderr
 
 
-def test_an_unreachable_redis_is_refused_at_start_naming_it(tiny_model_dir, tmp_path):
+def test_a_shared_job_store_without_shared_files_is_refused(tiny_model_dir, tmp_path):
+    """Redis for jobs but a per-host directory for videos would lose files between replicas."""
+    import subprocess
+    import sys
+
+    from tests.jobs.server_process import ROOT
+
+    argv = [sys.executable, "-m", "tests.jobs.server_process", "serve", "--model", str(tiny_model_dir)]
+    argv += ["--job-store", "redis://127.0.0.1:6379/0", "--output-dir", str(tmp_path)]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 2 and "--artifacts s3://" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unreachable_redis_is_refused_at_start_naming_it(s3_service, tiny_model_dir, tmp_path):
     import subprocess
     import sys
 
@@ -155,7 +178,8 @@ def test_an_unreachable_redis_is_refused_at_start_naming_it(tiny_model_dir, tmp_
 
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     argv = [sys.executable, "-m", "tests.jobs.server_process", "serve", "--model", str(tiny_model_dir), "--port", "0"]
-    argv += ["--job-store", url, "--output-dir", str(Path(tmp_path))]
+    argv += ["--job-store", url, "--output-dir", str(Path(tmp_path)), "--artifacts", s3_service.url()]
+    argv += ["--s3-endpoint-url", s3_service.endpoint_url]
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 2 and "127.0.0.1" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
