@@ -50,6 +50,13 @@ SAMPLES = {
     ("jobs", "artifacts"): "s3://videos/reelserve",
     ("jobs", "s3_endpoint_url"): "http://127.0.0.1:8333",
     ("access", "api_keys"): "a-long-random-key",
+    ("jobs", "webhook_urls"): "http://127.0.0.1:9/hook",
+    ("jobs", "webhook_secret"): "whsec_c2VjcmV0",
+}
+# Flags that are only valid with another: a shared job store needs shared files, webhooks a secret.
+COMPANIONS = {
+    ("jobs", "job_store"): ["--artifacts", "s3://videos/reelserve"],
+    ("jobs", "webhook_urls"): ["--webhook-secret", "whsec_c2VjcmV0"],
 }
 
 
@@ -130,6 +137,7 @@ def test_each_flag_lands_in_its_field(command, flag, tiny_model_dir, tmp_path):
     else:
         text, expected = sample(flag, action, tmp_path)
         given = [flag.name, text]
+    given += COMPANIONS.get(flag.path, [])
     config = server_config(_build_parser().parse_args([*argv, "--model", str(tiny_model_dir), *given]))
     assert at(config, flag.path) == expected != at(ServerConfig(model_dir=tiny_model_dir), flag.path)
 

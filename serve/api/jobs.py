@@ -54,6 +54,7 @@ from serve.jobs.records import (
 )
 from serve.jobs.sqlite import SqliteJobStore
 from serve.jobs.store import JobStore, StoreUnavailable
+from serve.jobs.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +95,16 @@ class JobService:
         self.store, self.artifacts, self.engine, self.model = store, artifacts, engine, model
         self.config = config
         self.runner = JobRunner(self, replica=f"replica-{uuid.uuid4().hex[:12]}")
+        hooks = config.jobs
+        self.webhooks = WebhookSender(hooks.webhook_urls, hooks.webhook_secret or "", hooks.webhook_attempts)
 
     def start(self) -> None:
+        self.webhooks.start()
         self.runner.start()
 
     def stop(self) -> None:
         self.runner.stop()
+        self.webhooks.stop()
         self.store.close()
 
     # ---- the routes' verbs ----------------------------------------------------------------------
@@ -390,7 +395,9 @@ class JobRunner:
         record.status, record.completed_at, record.owner = status, now, None
         record.error = None if error is None else {"code": error[0], "message": error[1]}
         record.expires_at = now + self.service.config.video_ttl_s
-        if not self.store.finish(record.id, self.replica, record):
+        if self.store.finish(record.id, self.replica, record):
+            self.service.webhooks.job_ended(status, record.id)  # once per job: the finish that won
+        else:
             log.info("job %s had already ended elsewhere; keeping that outcome", record.id)
         if record.image_size is not None:  # the conditioning image has served its purpose
             self._try_delete(image_key(record.id))

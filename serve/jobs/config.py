@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from serve.frozen import FrozenConfig
+from serve.frozen import FrozenConfig, flag
 
 # Settings a container platform passes as environment rather than flags (a flag still wins).
 ENVIRONMENT = {
     "job_store": "REELSERVE_JOB_STORE",
     "artifacts": "REELSERVE_ARTIFACTS",
     "s3_endpoint_url": "REELSERVE_S3_ENDPOINT_URL",
+    "webhook_secret": "REELSERVE_WEBHOOK_SECRET",
 }
 
 
@@ -32,6 +34,14 @@ class JobsConfig(FrozenConfig):
     """With S3 artifacts, `GET /v1/videos/{id}/content` redirects to a presigned URL instead of streaming."""
     presign_ttl_s: int = Field(900, ge=1, le=7 * 24 * 3600)
     """How long a presigned download URL stays valid."""
+    webhook_urls: tuple[str, ...] = Field((), json_schema_extra=flag("--webhook-url"))
+    """Where `video.completed` and `video.failed` events go (repeat for several): Standard Webhooks,
+    signed with `--webhook-secret`, retried with backoff. Only these URLs are ever called."""
+    webhook_secret: str | None = Field(None, repr=False)
+    """The webhooks' signing secret (`whsec_...` as OpenAI's, or any string; env
+    `REELSERVE_WEBHOOK_SECRET`); receivers verify with `client.webhooks.unwrap(..., secret=...)`."""
+    webhook_attempts: int = Field(6, ge=1, le=20)
+    """Tries per webhook delivery (1 s, 2 s, 4 s, ... apart) before it is given up and logged."""
     claim_idle_s: float = Field(60.0, gt=0)
     """A running job whose replica has not refreshed its claim for this long is taken over by another."""
 
@@ -60,6 +70,15 @@ class JobsConfig(FrozenConfig):
                 "with a shared --job-store the replicas must share their files too: "
                 "pass --artifacts s3://BUCKET/PREFIX (and --s3-endpoint-url for a non-AWS server)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _webhooks_are_signed_http(self) -> JobsConfig:
+        for url in self.webhook_urls:
+            if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+                raise ValueError(f"--webhook-url {url!r} is not an http(s) URL")
+        if self.webhook_urls and not self.webhook_secret:
+            raise ValueError("--webhook-url needs --webhook-secret (or REELSERVE_WEBHOOK_SECRET): events are signed")
         return self
 
     @property
