@@ -32,6 +32,7 @@ def load_components(
 
     from serve.loader import load_component
 
+    check_components(spec)
     root = spec.model_dir
     # Offloaded components load on the host: the residency manager moves what the device may hold.
     host = torch.device("cpu")
@@ -50,6 +51,14 @@ def load_components(
         ],
         scheduler_config=json.loads((root / "scheduler" / "scheduler_config.json").read_text()),
     )
+
+
+def check_components(spec: WanSpec) -> None:
+    """Every component's config.json against its headers before any module is built: a bad
+    transformer_2 config is refused in a second, not after the text encoder and VAE have loaded."""
+    from serve.loader.config_check import open_components
+
+    open_components([spec.model_dir / name for name in ("text_encoder", "vae", *spec.expert_names)])
 
 
 def install_residency(

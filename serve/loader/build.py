@@ -8,7 +8,6 @@ non-persistent buffers computed in `__init__` and absent from the checkpoint, so
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from serve.loader.errors import CheckpointError
+from serve.loader.index import read_json_file
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,9 @@ def read_component_config(component_dir: Path) -> tuple[ComponentClass, dict]:
             f"{path} not found: a component directory needs the config.json written by save_pretrained; "
             "point at the component folder (e.g. <model>/transformer) or re-download the model"
         )
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); re-download it") from None
+    config = read_json_file(path, "a config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object; re-download it")
     return _component_class(path, config), config
 
 

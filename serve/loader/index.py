@@ -5,6 +5,10 @@ A safetensors file is an 8-byte little-endian header length, a JSON header
 before handing the file to `safe_open`: it costs one small read, and it lets us name the exact
 tensor whose bytes are cut off in a truncated download instead of failing somewhere inside Rust.
 `CheckpointIndex` is also what `reelserve inspect` reads shapes and dtypes from.
+
+Every length a file declares is checked before it is trusted: a header length beyond the
+format's own limit (or the file) is refused before a byte of it is read, since reading what a
+damaged or hostile 8-byte prefix asks for is how a 1 GiB "header" became 2.4 GB of RSS.
 """
 
 from __future__ import annotations
@@ -29,6 +33,18 @@ DTYPE_BYTES = {
 
 REDOWNLOAD = "the file is damaged or incomplete; re-download it"
 
+# safetensors' own limit (MAX_HEADER_SIZE in its Rust source): no file it writes or reads has a
+# longer header, so a longer length is damage, and we refuse it before reading.
+MAX_HEADER_BYTES = 100_000_000
+# The JSON files beside the weights (config.json, the index) get the same bound: an index lists
+# the same names as the headers, a config is a few KB.
+MAX_JSON_BYTES = MAX_HEADER_BYTES
+# How far an index's metadata.total_size may be from the bytes its shards' headers hold. diffusers
+# and transformers write the exact sum; a shard with one tensor dropped or re-typed is a few percent
+# off and gets the loader's message naming that tensor, while an index from another download (or
+# a hand-edited one) is off by far more than a tenth.
+TOTAL_SIZE_TOLERANCE = 0.1
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -50,16 +66,38 @@ def _invalid(path: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{path} is not a valid safetensors file ({why}); {REDOWNLOAD}")
 
 
+def read_json_file(path: Path, what: str) -> object:
+    """A JSON file of a checkpoint, refused unread when larger than `MAX_JSON_BYTES`."""
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise CheckpointError(
+            f"{path} is {size:,} bytes, over the {MAX_JSON_BYTES:,}-byte limit for {what}; {REDOWNLOAD}"
+        )
+    try:
+        return json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); {REDOWNLOAD}") from None
+
+
+def _header_length(path: Path, prefix: bytes, size: int) -> int:
+    """The header length the 8-byte prefix declares, checked against the format's limit and the file."""
+    if len(prefix) < 8:
+        raise _invalid(path, f"{size} bytes, shorter than the 8-byte header length")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > MAX_HEADER_BYTES:
+        raise _invalid(
+            path, f"its header length is {header_len:,} bytes, over the safetensors limit of {MAX_HEADER_BYTES:,}"
+        )
+    if header_len > size - 8:
+        raise _invalid(path, f"header length {header_len} exceeds the file size {size}")
+    return header_len
+
+
 def _read_raw_header(path: Path) -> tuple[dict, int]:
     """Return the parsed JSON header and the size of the data area that follows it."""
     size = path.stat().st_size
     with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise _invalid(path, f"{size} bytes, shorter than the 8-byte header length")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > size - 8:
-            raise _invalid(path, f"header length {header_len} exceeds the file size {size}")
+        header_len = _header_length(path, f.read(8), size)
         raw = f.read(header_len)
     try:
         header = json.loads(raw)
@@ -107,13 +145,18 @@ class CheckpointIndex:
     root: Path
     source: Path
     tensors: dict[str, TensorInfo]
+    total_size: int | None = None
+    """The index's `metadata.total_size` (checked against the headers); None without an index or the field."""
 
     @classmethod
     def from_dir(cls, component_dir: str | Path) -> CheckpointIndex:
         root = Path(component_dir)
         for name in INDEX_NAMES:
             if (root / name).is_file():
-                return cls(root, root / name, _tensors_from_index(root / name))
+                weight_map, total_size = _read_index(root / name)
+                tensors = _tensors_from_index(root / name, weight_map)
+                _check_total_size(root / name, total_size, tensors)
+                return cls(root, root / name, tensors, total_size)
         for name in SINGLE_NAMES:
             if (root / name).is_file():
                 return cls(root, root / name, read_header(root / name))
@@ -125,6 +168,10 @@ class CheckpointIndex:
         for info in sorted(self.tensors.values(), key=lambda i: (i.file.name, i.begin)):
             files.setdefault(info.file, []).append(info)
         return files
+
+    def tensor_bytes(self) -> int:
+        """Bytes of tensor data the headers declare (what `metadata.total_size` counts)."""
+        return sum(info.nbytes for info in self.tensors.values())
 
 
 def _no_weights_error(root: Path) -> CheckpointError:
@@ -139,19 +186,33 @@ def _no_weights_error(root: Path) -> CheckpointError:
     return CheckpointError(f"{root} has no weights: expected {expected}")
 
 
-def _read_weight_map(index_path: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{index_path} is not a valid index (no weight_map: {exc}); {REDOWNLOAD}") from None
+def _read_index(index_path: Path) -> tuple[dict[str, str], int | None]:
+    """The index's weight map and its `metadata.total_size` (None when absent)."""
+    index = read_json_file(index_path, "an index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index_path}: 'weight_map' is not an object; {REDOWNLOAD}")
-    return weight_map
+        raise CheckpointError(f"{index_path} is not a valid index (no 'weight_map' object); {REDOWNLOAD}")
+    metadata = index.get("metadata") or {}
+    total = metadata.get("total_size") if isinstance(metadata, dict) else None
+    # Some transformers versions wrote a float here (bool tensors counted as 1/8 byte).
+    if total is not None and (type(total) not in (int, float) or not 0 <= total < math.inf):
+        raise CheckpointError(f"{index_path}: metadata.total_size is {total!r}, not a byte count; {REDOWNLOAD}")
+    return weight_map, None if total is None else int(total)
 
 
-def _tensors_from_index(index_path: Path) -> dict[str, TensorInfo]:
+def _check_total_size(index_path: Path, total: int | None, tensors: dict[str, TensorInfo]) -> None:
+    """The index's declared byte total against what its shards' headers hold: an index from another
+    download (or edited by hand) is refused here, before anything is sized from it."""
+    held = sum(info.nbytes for info in tensors.values())
+    if total is not None and abs(total - held) > held * TOTAL_SIZE_TOLERANCE:
+        raise CheckpointError(
+            f"{index_path}: metadata.total_size is {total:,} bytes, but the headers of the shards it lists "
+            f"hold {held:,} bytes of tensors; the index does not belong to these shards; {REDOWNLOAD}"
+        )
+
+
+def _tensors_from_index(index_path: Path, weight_map: dict[str, str]) -> dict[str, TensorInfo]:
     """Read every shard's header and check that the index and the shards agree tensor by tensor."""
-    weight_map = _read_weight_map(index_path)
     shards: dict[str, list[str]] = {}
     for tensor, shard in weight_map.items():
         shards.setdefault(shard, []).append(tensor)

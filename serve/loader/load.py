@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from serve.loader.build import ComponentClass, build_empty, read_component_config
+from serve.loader.build import ComponentClass, build_empty
+from serve.loader.config_check import open_component, shape_mismatch
 from serve.loader.errors import CheckpointError
 from serve.loader.index import CheckpointIndex, TensorInfo
 
@@ -53,8 +54,7 @@ def load_component(
     from serve.quant.loading import prepare_quant  # not at the top: serve.quant imports the loader
 
     root, device = Path(component_dir), torch.device(device)
-    component, config = read_component_config(root)
-    index = CheckpointIndex.from_dir(root)
+    component, config, index = open_component(root)  # config vs headers first: nothing built yet
     module = build_empty(component, config)
     keep_fp32 = fp32_module_names(component, module, dtype)
     quantized = prepare_quant(module, index, quant, keep_fp32, dtype)
@@ -127,11 +127,7 @@ def _slot_for(module: nn.Module, slots: dict[str, Slot], info: TensorInfo, ignor
             "or buffer; the weights do not match config.json (wrong folder or a different model version?)"
         )
     if slot.shape != info.shape:
-        raise CheckpointError(
-            f"tensor {info.name!r} in {info.file} has shape {list(info.shape)}, but "
-            f"{type(module).__name__} built from config.json expects {list(slot.shape)}; "
-            "the weights and config.json belong to different models"
-        )
+        raise shape_mismatch(info, type(module).__name__, slot.shape)
     return slot
 
 

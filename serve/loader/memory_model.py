@@ -76,15 +76,15 @@ def component_stats(component_dir: str | Path, kind: str) -> ComponentStats:
     """Header-only statistics of one component; `kind` is expert, text_encoder or vae."""
     import torch
 
-    from serve.loader.build import build_empty, read_component_config
-    from serve.loader.index import DTYPE_BYTES, CheckpointIndex
+    from serve.loader.build import build_empty
+    from serve.loader.config_check import open_component
+    from serve.loader.index import DTYPE_BYTES
     from serve.loader.load import fp32_module_names
     from serve.quant.schemes import QuantConfig
     from serve.quant.swap import eligible_linears
 
     root = Path(component_dir)
-    component, config = read_component_config(root)
-    index = CheckpointIndex.from_dir(root)
+    component, config, index = open_component(root)
     module = build_empty(component, config)
     keep = fp32_module_names(component, module, torch.bfloat16)
     quantizable = {f"{n}.weight" for n in eligible_linears(module, QuantConfig("int8-wo"), keep)}
@@ -115,9 +115,12 @@ def _held_bytes(info, kind: str, keep: frozenset[str], wdtype: str, quantizable:
 
 def model_stats(model_dir: str | Path) -> ModelStats:
     from models.wan.spec import read_spec
+    from serve.loader.config_check import open_components
 
     spec = read_spec(model_dir)  # experts, VAE strides and patch size, read as the engine reads them
     root = spec.model_dir
+    # Every config against its headers before any component is built for its statistics.
+    open_components([root / name for name in (*spec.expert_names, "text_encoder", "vae")])
     return ModelStats(
         str(root),
         [component_stats(root / n, "expert") for n in spec.expert_names],
