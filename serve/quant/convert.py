@@ -19,9 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.wan.spec import read_spec
-from serve.loader.build import build_empty, read_component_config
+from serve.loader.build import build_empty
+from serve.loader.config_check import open_component
 from serve.loader.errors import CheckpointError
-from serve.loader.index import CheckpointIndex
 from serve.loader.load import fp32_module_names, plan_load
 from serve.quant.loading import SCALE, SCHEME_KEY, SKIP_KEY
 from serve.quant.ops import quantize_weight
@@ -49,8 +49,7 @@ def quantize_checkpoint(in_dir: str | Path, out_dir: str | Path, policy: QuantPo
 
 def quantize_component(src: Path, dst: Path, config: QuantConfig) -> int:
     """Quantize one component folder; returns how many layers were quantized."""
-    component, model_config = read_component_config(src)
-    index = CheckpointIndex.from_dir(src)
+    component, model_config, index = open_component(src)  # config vs headers checked before any build
     if any(n.endswith(f".{SCALE}") for n in index.tensors):
         raise CheckpointError(f"{src} is already quantized (it holds *.{SCALE} tensors); start from the float one")
     module = build_empty(component, model_config)
