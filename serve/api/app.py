@@ -12,10 +12,13 @@ from pydantic.json_schema import models_json_schema
 from models.registry import resolve
 from models.wan.spec import WanSpec
 from serve.api.body_limit import MAX_BODY_BYTES, BodyLimitMiddleware
+from serve.api.errors import add_error_handlers as add_common_error_handlers
+from serve.api.errors import error_response, is_openai_path
 from serve.api.images import image_body_bytes
 from serve.api.jobs import JobService, open_job_service
+from serve.api.openapi import state_contract
 from serve.api.routes import generate_router, health_router
-from serve.api.schemas import ErrorResponse, GenerateRequest
+from serve.api.schemas import GenerateRequest
 from serve.api.videos import VideoCreateRequest, videos_router
 from serve.config import ServerConfig
 from serve.engine.client import EngineClient, EngineUnavailable, GenerationFailed, QueueFull
@@ -74,8 +77,11 @@ def body_limits(spec: WanSpec, config: ServerConfig) -> dict[tuple[str, str], in
 
 def document_bodies(app: FastAPI, *models: type) -> None:
     """Add the request models that handlers parse themselves (JSON or multipart, see
-    `routes.parse_body`) to the OpenAPI components their `requestBody` docs refer to."""
+    `routes.parse_body`) to the OpenAPI components their `requestBody` docs refer to, with the
+    bounds this server enforces written in (`serve.api.openapi.state_contract`)."""
     openapi = app.openapi
+    state = app.state  # read now: the schema describes the server as it was built
+    served = (state.limits, state.spec, state.model_name, state.config.lora.dirs)
 
     def with_bodies() -> dict:
         if app.openapi_schema is None:
@@ -83,27 +89,29 @@ def document_bodies(app: FastAPI, *models: type) -> None:
             _, defs = models_json_schema(
                 [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
             )
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(defs["$defs"])
+            state_contract(components, *served)
         return app.openapi_schema
 
     app.openapi = with_bodies
 
 
 def add_error_handlers(app: FastAPI) -> None:
+    """The engine's errors, in the shape of the API they arrive on (`serve.api.errors`), after the
+    handlers for FastAPI's and Starlette's own errors and anything unhandled."""
+    add_common_error_handlers(app)
+
     @app.exception_handler(QueueFull)
-    async def queue_full(_: Request, exc: QueueFull) -> JSONResponse:
+    async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after_s)}
-        return _error(429, str(exc), "queue_full", headers=headers)
+        return error_response(request.url.path, 429, str(exc), code="queue_full", headers=headers)
 
     @app.exception_handler(GenerationFailed)
-    async def generation_failed(_: Request, exc: GenerationFailed) -> JSONResponse:
-        return _error(500, exc.reason, "generation_failed", request_id=exc.request_id)
+    async def generation_failed(request: Request, exc: GenerationFailed) -> JSONResponse:
+        kind = None if is_openai_path(request.url.path) else "generation_failed"
+        return error_response(request.url.path, 500, exc.reason, kind, request_id=exc.request_id)
 
     @app.exception_handler(EngineUnavailable)
-    async def unavailable(_: Request, exc: EngineUnavailable) -> JSONResponse:
-        return _error(503, str(exc), "unavailable", headers={"Retry-After": "5"})
-
-
-def _error(status: int, detail: str, kind: str, request_id: str | None = None, headers=None) -> JSONResponse:
-    body = ErrorResponse(detail=detail, type=kind, request_id=request_id)
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    async def unavailable(request: Request, exc: EngineUnavailable) -> JSONResponse:
+        return error_response(request.url.path, 503, str(exc), headers={"Retry-After": "5"})

@@ -8,7 +8,11 @@ the server read and parse an arbitrarily large body first. Routes that take an i
 
 from __future__ import annotations
 
+import json
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.api.errors import error_body
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a request is a prompt and a few numbers
 
@@ -38,7 +42,7 @@ class BodyLimitMiddleware:
         limit = self.limit_for(scope)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await self._refuse(send, limit)
+            return await self._refuse(scope, send, limit)
         seen = 0
 
         async def counted_receive() -> Message:
@@ -52,10 +56,12 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, counted_receive, send)
         except BodyTooLarge:
-            await self._refuse(send, limit)
+            await self._refuse(scope, send, limit)
 
-    async def _refuse(self, send: Send, limit: int) -> None:
-        body = f'{{"detail":"request body over {limit} bytes"}}'.encode()
+    async def _refuse(self, scope: Scope, send: Send, limit: int) -> None:
+        # In the error shape of the API the path belongs to, as every other refusal (serve.api.errors).
+        message = f"request body over {limit} bytes"
+        body = json.dumps(error_body(scope["path"], 413, message, code="request_too_large")).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -57,7 +57,7 @@ def resolve(
     errors += image_input_errors(has_image, spec)
     if errors:
         raise RequestValidationError(errors)
-    adjustments = round_to_model(values, spec)
+    adjustments = [*body._adjustments, *round_to_model(values, spec)]
     if has_image:  # after rounding: the image is fitted to the size the model will generate
         try:
             data = image if image is not None else reference_bytes(_base64_of(body.input_reference), limits)
@@ -120,8 +120,10 @@ def lora_errors(loras: tuple[tuple[str, float], ...], lora_dirs: tuple[Path, ...
             try:
                 named_lora_files(name, lora_dirs, experts)
                 continue
-            except (LoraPathError, FileNotFoundError) as e:
+            except LoraPathError as e:  # its messages name the LoRA, never a host directory
                 msg = str(e)
+            except (ValueError, OSError):  # e.g. a name longer than the filesystem takes
+                msg = f"LoRA name {name!r} is not a usable file name"
         errors.append({"type": "value_error", "loc": ("body", "loras", i, "name"), "msg": msg, "input": name})
     return errors
 

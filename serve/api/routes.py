@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Annotated, Generic, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -18,10 +20,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from models.wan.spec import WanSpec
+from serve.api.errors import error_responses
 from serve.api.images import FIELD as IMAGE_FIELD
 from serve.api.images import ImageInputError, base64_chars
 from serve.api.params import ResolvedRequest, resolve
-from serve.api.schemas import ErrorResponse, GenerateRequest, HealthResponse
+from serve.api.schemas import GenerateRequest, HealthResponse
 from serve.config import Limits, ServerConfig
 from serve.engine.client import EngineClient, EngineUnavailable, GenerationFailed, GenerationResult
 
@@ -88,20 +91,92 @@ async def parse_body(request: Request, model: type[Model], limits: Limits) -> Pa
         finally:
             await form.close()
         strict = False  # every form value is a string
+        if flags := _form_flag_errors(data, model):
+            raise RequestValidationError(flags)
     else:
         try:
-            data = await request.json()
+            data = parse_json(await request.body())
         except json.JSONDecodeError as e:  # FastAPI's own shape for a body it cannot decode
             error = {"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error", "input": {}}
             raise RequestValidationError([{**error, "ctx": {"error": e.msg}}]) from None
         except ValueError:
             raise _field_error("body", "the body must be JSON or multipart/form-data", None) from None
         strict = None  # the model's own setting
+    if unfit := unfit_values(data):
+        raise RequestValidationError(unfit)
     try:
         return ParsedBody(model.model_validate(data, strict=strict), image)
     except ValidationError as e:
         errors = e.errors(include_url=False)
         raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in errors]) from None
+
+
+class NonFinite(str):
+    """A JSON number that is not a finite float (`NaN`, `Infinity`, or `1e309`, which overflows),
+    kept as the text the client sent so the 422 can name it. Python's json takes these; JSON
+    itself has no such numbers, and a NaN that gets past parsing makes a black video or a 500."""
+
+
+def parse_json(body: bytes) -> object:
+    def parse_float(text: str) -> float | int | NonFinite:
+        value = float(text)
+        if not math.isfinite(value):
+            return NonFinite(text)
+        # JSON Schema calls 64.0 an integer, and so does this server (exactly: 9007199254740993.0
+        # is not rounded through a float).
+        return int(Decimal(text)) if value.is_integer() else value
+
+    return json.loads(body, parse_constant=NonFinite, parse_float=parse_float)
+
+
+def unfit_values(data: object, loc: tuple = ("body",)) -> list[dict]:
+    """422 items for every value no field may hold, wherever it sits in the body: a non-finite
+    number, or text with a NUL or an unpaired surrogate (valid JSON escapes, but no tokenizer,
+    path or store takes them: one in a prompt used to fail every request of its text-encode batch)."""
+    if isinstance(data, NonFinite):
+        return [_unfit(loc, "finite_number", f"{_name(loc)} must be a finite number, not {data}")]
+    if isinstance(data, str):
+        problem = _text_problem(data)
+        return [_unfit(loc, "string_unfit", f"{_name(loc)} {problem}")] if problem else []
+    if isinstance(data, dict):
+        errors = []
+        for key, value in data.items():
+            if problem := _text_problem(key):  # the key would be echoed in the error's loc
+                errors.append(_unfit(loc, "string_unfit", f"a field name in {_name(loc)} {problem}"))
+            else:
+                errors += unfit_values(value, (*loc, key))
+        return errors
+    if isinstance(data, list):
+        return [e for i, value in enumerate(data) for e in unfit_values(value, (*loc, i))]
+    return []
+
+
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "must not contain a NUL character (U+0000)"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must not contain an unpaired UTF-16 surrogate (U+D800..U+DFFF); send valid Unicode text"
+    return None
+
+
+def _name(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc[1:]) or "the body"
+
+
+def _unfit(loc: tuple, kind: str, message: str) -> dict:
+    return {"type": kind, "loc": loc, "msg": message, "input": None}
+
+
+def _form_flag_errors(data: dict, model: type[BaseModel]) -> list[dict]:
+    """A boolean form field is `true` or `false`: lax validation would also read 0, "off" or "n",
+    which the schema (a boolean) does not allow."""
+    errors = []
+    for name, field in model.model_fields.items():
+        if field.annotation is bool and name in data and data[name] not in ("true", "false"):
+            errors.append(_unfit(("body", name), "bool_parsing", f"{name} must be true or false"))
+    return errors
 
 
 async def _read_upload(upload: UploadFile, limits: Limits) -> bytes:
@@ -126,10 +201,11 @@ async def parse_generate_body(request: Request, limits: LimitsDep) -> ParsedBody
 def request_body_docs(schema: str) -> dict:
     """OpenAPI for a body parsed by `parse_body` (FastAPI sees no body parameter to document);
     app.py adds the named schema to the components."""
-    form = {"type": "object", "required": ["prompt"], "additionalProperties": True}
-    form["properties"] = {"prompt": {"type": "string"}, IMAGE_FIELD: {"type": "string", "format": "binary"}}
-    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
-    return {"requestBody": {"required": True, "content": {**content, "multipart/form-data": {"schema": form}}}}
+    content = {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}},
+        "multipart/form-data": {"schema": {"$ref": f"#/components/schemas/{schema}Form"}},  # see openapi.form_schema
+    }
+    return {"requestBody": {"required": True, "content": content}}
 
 
 # The stages the worker reports, in pipeline order; Server-Timing lists them in this order.
@@ -143,10 +219,9 @@ health_router = APIRouter(tags=["health"])
     "/generate",
     response_class=Response,
     responses={
-        200: {"content": {"video/mp4": {}}, "description": "The video"},
-        429: {"model": ErrorResponse, "description": "Queue full; see Retry-After"},
-        500: {"model": ErrorResponse, "description": "The worker failed this request"},
-        503: {"model": ErrorResponse, "description": "The engine or its worker is down"},
+        200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}, "description": "The video"},
+        **error_responses(413, 422, 429, 500, 503, openai=False),
+        499: {"description": "Never received: the client went away, so its request was cancelled"},
     },
     openapi_extra=request_body_docs("GenerateRequest"),
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 # torch.Generator.manual_seed takes any 64-bit value; stay in the signed range so every tool can
 # store it. This is a property of the seed, not a server policy, so it may live in the schema.
@@ -13,7 +13,7 @@ MAX_SEED = 2**63 - 1
 
 
 class LoraRef(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=200)
     """A LoRA file or folder name inside one of the server's LoRA directories."""
@@ -34,7 +34,7 @@ class GenerateRequest(BaseModel):
     """`POST /generate`. Every field but `prompt` is optional; absent ones take the model's defaults."""
 
     # strict: "64" or 64.5 for a height is a client bug worth a 422, not a silent coercion.
-    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
     prompt: str
     """What the video shows."""
@@ -73,6 +73,10 @@ class GenerateRequest(BaseModel):
     to its size; `X-Reelserve-Adjusted` says so. URLs are refused, never fetched. Only for
     models that take an image (I2V; TI2V optionally)."""
 
+    _adjustments: tuple[str, ...] = PrivateAttr(default=())
+    """What the server changed while mapping another request shape onto this one (e.g. `seconds`
+    of `/v1/videos` beyond the frame limit); `params.resolve` reports them with its own."""
+
     @field_validator("prompt")
     @classmethod
     def _not_blank(cls, value: str) -> str:
@@ -87,10 +91,38 @@ class HealthResponse(BaseModel):
     """Why the engine cannot serve (only when unavailable)."""
 
 
-class ErrorResponse(BaseModel):
-    """Body of 429, 500 and 503 answers (422 uses FastAPI's `{"detail": [...]}` shape)."""
+class FieldError(BaseModel):
+    """One refused field of a 422 (FastAPI's item, without the echo of the input)."""
 
-    detail: str
-    """What went wrong, for a human."""
-    type: Literal["queue_full", "generation_failed", "unavailable"]
+    loc: list[str | int]
+    """Where: `["body", "height"]`, `["body", "loras", 0, "name"]`, `["query", "limit"]`."""
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx/5xx answer outside `/v1/*` (`serve.api.errors`)."""
+
+    detail: str | list[FieldError]
+    """What went wrong, for a human; on a 422, one item per refused field."""
+    type: str
+    """`invalid_request` (422), `not_found`, `method_not_allowed`, `request_too_large`, `queue_full`,
+    `generation_failed`, `internal_error`, `unavailable`, ..."""
     request_id: str | None = None
+    """The engine's id of a request that failed while generating."""
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    """`invalid_request_error`, `rate_limit_exceeded`, `conflict`, `gone`, `server_error`, `unavailable`, ..."""
+    param: str | None
+    """The refused field, dotted (`loras.0.name`), when one field is to blame."""
+    code: str | None
+    """A machine-readable reason, e.g. `queue_full` or a 422's error type (`less_than_equal`)."""
+
+
+class OpenAIError(BaseModel):
+    """Body of every 4xx/5xx answer on `/v1/*`: OpenAI's error object."""
+
+    error: OpenAIErrorDetail

@@ -5,6 +5,7 @@ delete), so the official `openai` client works against it. reelserve's own gener
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Annotated, Literal
 
@@ -13,7 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
+from serve.api.errors import SafeJSONResponse, error_responses, redact
 from serve.api.jobs import JobQueueFull, JobService
+from serve.api.openapi import max_seconds, seconds_pattern, size_pattern
 from serve.api.routes import (
     ConfigDep,
     LimitsDep,
@@ -28,6 +31,7 @@ from serve.jobs.artifacts import ArtifactStoreError
 from serve.jobs.records import COMPLETED, JobRecord
 from serve.jobs.store import StoreUnavailable
 
+logger = logging.getLogger(__name__)
 videos_router = APIRouter(prefix="/v1/videos", tags=["videos"])
 # Clients poll; the openai SDK reads this header for its interval.
 POLL_AFTER_MS = "500"
@@ -36,7 +40,9 @@ POLL_AFTER_MS = "500"
 class VideoCreateRequest(GenerateRequest):
     """OpenAI's fields (`model`, `seconds`, `size`) plus every `POST /generate` field."""
 
-    model_config = ConfigDict(extra="forbid", strict=False, use_attribute_docstrings=True)
+    # Strict like GenerateRequest: a JSON "64" for a height is a 422, as the schema says. Form
+    # fields (all text) are validated in lax mode by `parse_body`.
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
     model: str | None = None
     """The served model's name (this server serves one); absent means that one."""
@@ -75,6 +81,20 @@ class VideoObject(BaseModel):
     `X-Reelserve-Adjusted` header of `POST /generate`)."""
 
 
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VideoObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool
+
+
 def get_jobs(request: Request) -> JobService:
     return request.app.state.jobs
 
@@ -99,8 +119,8 @@ def openai_error(
     headers: dict[str, str] | None = None,
 ):
     """OpenAI's error envelope: `{"error": {"message", "type", "param", "code"}}`."""
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    body = {"error": {"message": redact(message), "type": kind, "param": param, "code": code}}
+    return SafeJSONResponse(body, status_code=status, headers=headers)
 
 
 def _field_error(field: str, message: str, value: object) -> RequestValidationError:
@@ -108,29 +128,52 @@ def _field_error(field: str, message: str, value: object) -> RequestValidationEr
 
 
 def to_generate_request(body: VideoCreateRequest, model_name: str, spec, limits) -> GenerateRequest:
-    """Map OpenAI's `seconds`/`size` onto reelserve's fields; explicit fields win."""
+    """Map OpenAI's `seconds`/`size` onto reelserve's fields; explicit fields win. `size` and
+    `seconds` are checked with the patterns the OpenAPI document states (serve/api/openapi.py),
+    even when explicit fields override them, so the schema and the server agree on every body."""
     if body.model is not None and body.model != model_name:
         raise _field_error("model", f"model must be {model_name!r} (the model this server serves)", body.model)
     fields = body.model_dump(exclude={"model", "seconds", "size"}, exclude_unset=True)
-    if body.size is not None and not {"width", "height"} & fields.keys():
-        match = re.fullmatch(r"(\d+)x(\d+)", body.size)
-        if match is None:
-            raise _field_error("size", "size must be WIDTHxHEIGHT, e.g. 1280x720", body.size)
-        fields["width"], fields["height"] = int(match[1]), int(match[2])
-    if body.seconds is not None and "num_frames" not in fields:
-        fields["num_frames"] = _frames_for(body.seconds, fields.get("fps") or spec.defaults["fps"], limits)
-    return GenerateRequest(**fields)
+    if body.size is not None:
+        width, height = _size(body.size, limits)
+        if not {"width", "height"} & fields.keys():
+            fields["width"], fields["height"] = width, height
+    notes = []
+    if body.seconds is not None:
+        seconds = _seconds(body.seconds, limits)
+        if "num_frames" not in fields:
+            fps = fields.get("fps") or spec.defaults["fps"]
+            fields["num_frames"] = round(seconds * fps) + 1
+            if fields["num_frames"] > limits.max_num_frames:  # seconds x fps: over the frame limit
+                over = f"seconds={seconds:g} at {fps} fps is over the server limit --max-num-frames"
+                notes.append(f"num_frames={fields['num_frames']}->{limits.max_num_frames} ({over})")
+                fields["num_frames"] = limits.max_num_frames
+    request = GenerateRequest(**fields)
+    request._adjustments = tuple(notes)
+    return request
 
 
-def _frames_for(seconds: object, fps: int, limits) -> int:
-    try:
-        value = float(seconds)
-    except ValueError:
-        raise _field_error("seconds", 'seconds must be a number, e.g. "4"', seconds) from None
-    longest = (limits.max_num_frames - 1) / fps
-    if not 0 < value <= longest:
-        raise _field_error("seconds", f"seconds must be > 0 and <= {longest:g} at {fps} fps (server limit)", seconds)
-    return round(value * fps) + 1
+def _size(size: str, limits) -> tuple[int, int]:
+    if re.fullmatch(size_pattern(limits), size) is None:
+        msg = (
+            f"size must be WIDTHxHEIGHT, e.g. 1280x720, with width {limits.min_width}..{limits.max_width} "
+            f"and height {limits.min_height}..{limits.max_height} (server limits)"
+        )
+        raise _field_error("size", msg, size)
+    width, height = size.split("x")
+    return int(width), int(height)
+
+
+def _seconds(seconds: str | int | float, limits) -> float:
+    longest = max_seconds(limits)
+    if isinstance(seconds, str):
+        ok = re.fullmatch(seconds_pattern(limits), seconds) is not None
+    else:
+        ok = 0 < seconds <= longest
+    if not ok:
+        msg = f'seconds must be a number above 0 and at most {longest:g} (server limit), e.g. "4"'
+        raise _field_error("seconds", msg, str(seconds))
+    return float(seconds)
 
 
 def video_object(record: JobRecord, jobs: JobService, adjustments: tuple[str, ...] = ()) -> VideoObject:
@@ -149,18 +192,31 @@ def video_object(record: JobRecord, jobs: JobService, adjustments: tuple[str, ..
         prompt=p.prompt,
         seconds=f"{p.num_frames / p.fps:g}",
         size=f"{p.width}x{p.height}",
-        error=record.error,
+        error=None if record.error is None else {k: redact(str(v)) for k, v in record.error.items()},
         queue_position=None if live is None else live.queue_position,
         eta_seconds=None if live is None or live.eta_s is None else round(live.eta_s, 2),
         adjustments=list(adjustments) or None,
     )
 
 
+def listed_video(record: JobRecord, jobs: JobService) -> dict:
+    """One entry of a listing. A record that cannot be shown in full (damaged in the store, or
+    written by another version) is shown by id with a `failed` status and an error saying so: one
+    bad record must not make the listing a 500 for every client."""
+    try:
+        return video_object(record, jobs).model_dump()
+    except Exception:
+        logger.exception("job %s: its record cannot be rendered; listed without its details", record.id)
+    error = VideoError(code="unreadable_record", message="this job's record cannot be read; delete it")
+    fields = {"model": "", "progress": 0, "created_at": 0, "prompt": "", "seconds": "0", "size": "0x0"}
+    return VideoObject(id=str(record.id), status="failed", error=error, **fields).model_dump()
+
+
 def _json(video: VideoObject, status: int = 200) -> JSONResponse:
     headers = {"openai-poll-after-ms": POLL_AFTER_MS}
     if video.adjustments:
         headers["X-Reelserve-Adjusted"] = "; ".join(video.adjustments)
-    return JSONResponse(video.model_dump(), status_code=status, headers=headers)
+    return SafeJSONResponse(video.model_dump(), status_code=status, headers=headers)
 
 
 async def parse_create_body(request: Request, limits: LimitsDep) -> ParsedBody[VideoCreateRequest]:
@@ -172,7 +228,11 @@ async def parse_create_body(request: Request, limits: LimitsDep) -> ParsedBody[V
 CreateBodyDep = Annotated[ParsedBody[VideoCreateRequest], Depends(parse_create_body)]
 
 
-@videos_router.post("", openapi_extra=request_body_docs("VideoCreateRequest"))
+@videos_router.post(
+    "",
+    openapi_extra=request_body_docs("VideoCreateRequest"),
+    responses={200: {"model": VideoObject}, **error_responses(413, 422, 429, 500, 503, openai=True)},
+)
 def create_video(
     body: CreateBodyDep, jobs: JobsDep, spec: SpecDep, config: ConfigDep, model: ModelNameDep
 ) -> JSONResponse:
@@ -192,7 +252,7 @@ def create_video(
     return _json(video_object(record, jobs, resolved.adjustments))
 
 
-@videos_router.get("")
+@videos_router.get("", responses={200: {"model": VideoList}, **error_responses(422, 500, openai=True)})
 def list_videos(
     jobs: JobsDep,
     after: str | None = None,
@@ -200,13 +260,13 @@ def list_videos(
     order: Literal["asc", "desc"] = "desc",
 ) -> JSONResponse:
     page, more = jobs.store.list(after, limit, order)
-    data = [video_object(r, jobs).model_dump() for r in page]
+    data = [listed_video(r, jobs) for r in page]
     last = data[-1]["id"] if data else None
     first = data[0]["id"] if data else None
-    return JSONResponse({"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": more})
+    return SafeJSONResponse({"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": more})
 
 
-@videos_router.get("/{video_id}")
+@videos_router.get("/{video_id}", responses={200: {"model": VideoObject}, **error_responses(404, 500, openai=True)})
 def retrieve_video(video_id: str, jobs: JobsDep) -> JSONResponse:
     record = jobs.get(video_id)
     if record is None:
@@ -214,7 +274,15 @@ def retrieve_video(video_id: str, jobs: JobsDep) -> JSONResponse:
     return _json(video_object(record, jobs))
 
 
-@videos_router.get("/{video_id}/content")
+@videos_router.get(
+    "/{video_id}/content",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}, "description": "The MP4"},
+        307: {"description": "Redirect to a presigned URL of the MP4 (with --presigned-urls)"},
+        **error_responses(404, 409, 410, 422, 500, openai=True),
+    },
+)
 def download_video(video_id: str, jobs: JobsDep, variant: Literal["video"] = "video"):
     record = jobs.get(video_id)
     if record is None:
@@ -235,7 +303,9 @@ def download_video(video_id: str, jobs: JobsDep, variant: Literal["video"] = "vi
     return StreamingResponse(chunks, media_type="video/mp4", headers=headers)
 
 
-@videos_router.delete("/{video_id}")
+@videos_router.delete(
+    "/{video_id}", responses={200: {"model": VideoDeleted}, **error_responses(404, 500, openai=True)}
+)
 def delete_video(video_id: str, jobs: JobsDep) -> JSONResponse:
     """Cancel the job if it is still running (at its next step, on whichever replica) and delete
     its record and video."""

@@ -45,18 +45,34 @@ def named_lora_files(name: str, lora_dirs: Sequence[Path], num_experts: int) -> 
     `name/` holding `high_noise_model.safetensors` and/or `low_noise_model.safetensors` (the
     Lightning layout) gives one file per expert; `name.safetensors` goes to expert 0 only, as
     diffusers' `load_lora_weights` does by default.
+
+    A request chose `name`, so every message names the LoRA, never a directory of this host.
     """
-    if not name or name.startswith(("/", "\\")):
+    if not name or name.startswith(("/", "\\")) or "\x00" in name:
         raise LoraPathError(f"LoRA name {name!r} must be a name relative to a LoRA directory")
     for root in lora_dirs:
         folder = (Path(root) / name).resolve()
         if not folder.is_relative_to(Path(root).resolve()):
-            raise LoraPathError(f"LoRA name {name!r} leaves the LoRA directory {root}; use a name inside it")
+            raise LoraPathError(f"LoRA name {name!r} leaves the LoRA directory; use a name inside it")
         if folder.is_dir():
             files = {i: folder / f for i, f in enumerate(EXPERT_FILES[:num_experts]) if (folder / f).exists()}
             if (folder / EXPERT_FILES[1]).exists() and num_experts < 2:
                 raise LoraPathError(f"LoRA {name!r} has a low-noise file but the model has one transformer")
             if files:
-                return {i: resolve_lora_path(p, lora_dirs) for i, p in files.items()}
-            raise LoraPathError(f"LoRA directory {folder} holds neither of {list(EXPERT_FILES)}")
-    return {0: resolve_lora_path(name if name.endswith(".safetensors") else f"{name}.safetensors", lora_dirs)}
+                return {i: _resolve_named(name, p, lora_dirs) for i, p in files.items()}
+            raise LoraPathError(f"LoRA {name!r} is a folder holding neither of {list(EXPERT_FILES)}")
+    return {0: _resolve_named(name, name if name.endswith(".safetensors") else f"{name}.safetensors", lora_dirs)}
+
+
+def _resolve_named(name: str, path: str | Path, lora_dirs: Sequence[Path]) -> Path:
+    """`resolve_lora_path`, with its refusals reworded to name the LoRA instead of host paths."""
+    try:
+        return resolve_lora_path(path, lora_dirs)
+    except LoraPathError as e:
+        if "outside the LoRA directories" in str(e):
+            reason = "resolves outside the LoRA directories (a symlink out of them?)"
+        elif "not a .safetensors file" in str(e):
+            reason = "is not a .safetensors file; only safetensors LoRAs are read"
+        else:
+            reason = "was not found in the LoRA directories"
+        raise LoraPathError(f"LoRA {name!r} {reason}") from None

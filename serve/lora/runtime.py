@@ -73,7 +73,11 @@ class LoraRegistry:
     def _load(self, name: str) -> dict[int, RuntimeLora]:
         if name not in self._loaded:
             files = named_lora_files(name, self.lora_dirs, len(self.experts))
-            self._loaded[name] = {i: self._to_runtime(path, self.experts[i]) for i, path in files.items()}
+            try:
+                self._loaded[name] = {i: self._to_runtime(path, self.experts[i]) for i, path in files.items()}
+            except (LoraError, OSError) as e:
+                # The message goes back to the client that named this LoRA: say which, not where it is.
+                raise LoraError(_named(str(e), name, files.values())) from e
         return self._loaded[name]
 
     def _to_runtime(self, path: Path, model: torch.nn.Module) -> RuntimeLora:
@@ -89,6 +93,14 @@ class LoraRegistry:
         # the dtype and device from the model's first float parameter (the unquantized patch embedding).
         like = next(p for p in model.parameters() if p.is_floating_point())
         return {name: _DeviceLayer.of(layer, like) for name, layer in lora.layers.items()}
+
+
+def _named(message: str, name: str, paths) -> str:
+    """`message` with each of the LoRA's file paths replaced by its name and file (`read_lora`'s
+    messages start with the path, which is right for the operator's own --lora-high/--lora-low)."""
+    for path in paths:
+        message = message.replace(str(path), f"LoRA {name!r} ({path.name})")
+    return message if message.startswith("LoRA ") else f"LoRA {name!r}: {message}"
 
 
 @contextlib.contextmanager

@@ -94,16 +94,17 @@ def test_content_of_an_unfinished_job_is_a_conflict_and_unknown_ids_are_404(real
     [
         ({"model": "sora-2"}, "model", "the model this server serves"),
         ({"size": "big"}, "size", "WIDTHxHEIGHT"),
-        ({"seconds": "1000"}, "seconds", "<= 8 at 16 fps"),
-        ({"size": "4096x64"}, "width", "<= 1280"),
+        ({"seconds": "1000"}, "seconds", "at most 128 (server limit)"),
+        ({"size": "4096x64"}, "size", "width 16..1280"),
+        ({"num_frames": 1000}, "num_frames", "<= 129"),
     ],
 )
 def test_bad_job_fields_are_422_naming_the_field(real_server, body, field, words):
     with httpx.Client(base_url=real_server.url, timeout=30) as http:
         response = http.post("/v1/videos", json={"prompt": "a cat", **body})
     assert response.status_code == 422
-    (error,) = [e for e in response.json()["detail"] if e["loc"][-1] == field]
-    assert words in error["msg"]
+    error = response.json()["error"]  # OpenAI's error object, as on every /v1 error
+    assert error["type"] == "invalid_request_error" and error["param"] == field and words in error["message"]
 
 
 def test_ready_and_metrics(real_server):
