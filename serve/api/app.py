@@ -11,6 +11,8 @@ from pydantic.json_schema import models_json_schema
 
 from models.registry import resolve
 from models.wan.spec import WanSpec
+from serve.api.access import ApiKeyMiddleware
+from serve.api.admission import Admission
 from serve.api.body_limit import MAX_BODY_BYTES, BodyLimitMiddleware
 from serve.api.errors import add_error_handlers as add_common_error_handlers
 from serve.api.errors import error_response, is_openai_path
@@ -55,7 +57,13 @@ def create_app(
     app.state.config = config
     app.state.model_name = config.model_dir.name
     app.state.jobs = jobs
+    app.state.admission = Admission(engine, jobs, config.scheduler.max_queue)
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES, route_limits=body_limits(app.state.spec, config))
+    # Added last, so it runs first: a caller without a key is refused before its body is read.
+    access = config.access
+    app.add_middleware(
+        ApiKeyMiddleware, keys=access.keys(), open_docs=access.open_metrics, body_timeout_s=access.body_timeout_s
+    )
     app.include_router(generate_router)
     app.include_router(videos_router)
     app.include_router(health_router)

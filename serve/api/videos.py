@@ -13,9 +13,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
 
 from serve.api.errors import SafeJSONResponse, error_responses, redact
-from serve.api.jobs import JobQueueFull, JobService
+from serve.api.jobs import JobService
 from serve.api.openapi import max_seconds, seconds_pattern, size_pattern
 from serve.api.routes import (
     ConfigDep,
@@ -27,7 +28,8 @@ from serve.api.routes import (
     resolve_request,
 )
 from serve.api.schemas import GenerateRequest
-from serve.jobs.artifacts import ArtifactStoreError
+from serve.engine.client import QueueFull
+from serve.jobs.artifacts import ArtifactStoreError, cause_of
 from serve.jobs.records import COMPLETED, JobRecord
 from serve.jobs.store import StoreUnavailable
 
@@ -95,15 +97,21 @@ class VideoDeleted(BaseModel):
     deleted: bool
 
 
-def get_jobs(request: Request) -> JobService:
+async def get_jobs(request: Request) -> JobService:
     return request.app.state.jobs
 
 
-def get_model_name(request: Request) -> str:
+async def get_model_name(request: Request) -> str:
     return request.app.state.model_name
 
 
+async def get_tenant(request: Request) -> str | None:
+    """The caller, with API keys on (`serve.api.access`); None when the API is open."""
+    return getattr(request.state, "tenant", None)
+
+
 JobsDep = Annotated[JobService, Depends(get_jobs)]
+TenantDep = Annotated[str | None, Depends(get_tenant)]
 ModelNameDep = Annotated[str, Depends(get_model_name)]
 
 
@@ -233,21 +241,31 @@ CreateBodyDep = Annotated[ParsedBody[VideoCreateRequest], Depends(parse_create_b
     openapi_extra=request_body_docs("VideoCreateRequest"),
     responses={200: {"model": VideoObject}, **error_responses(413, 422, 429, 500, 503, openai=True)},
 )
-def create_video(
-    body: CreateBodyDep, jobs: JobsDep, spec: SpecDep, config: ConfigDep, model: ModelNameDep
+async def create_video(
+    body: CreateBodyDep,
+    request: Request,
+    jobs: JobsDep,
+    spec: SpecDep,
+    config: ConfigDep,
+    model: ModelNameDep,
+    tenant: TenantDep,
 ) -> JSONResponse:
-    """Store the job and return at once; poll `GET /v1/videos/{id}`, then download `/content`. (A sync
-    handler: FastAPI runs it in a thread, so decoding an `input_reference` does not block the loop.)"""
+    """Store the job and return at once; poll `GET /v1/videos/{id}`, then download `/content`.
+    Admitted on the event loop in arrival order, like `POST /generate` (serve/api/admission.py);
+    decoding an `input_reference` and writing the record run in the thread pool."""
     fields = to_generate_request(body.fields, model, spec, config.limits)
-    resolved = resolve_request(fields, spec, config, body.image)
+    resolved = await run_in_threadpool(resolve_request, fields, spec, config, body.image)
     if jobs.ready_problem is not None:
         return openai_error(503, f"not taking new jobs: {jobs.ready_problem}", "unavailable", headers=RETRY)
     try:
-        record = jobs.create(resolved.params)
-    except JobQueueFull as e:
-        return openai_error(429, str(e), "rate_limit_exceeded", code="queue_full", headers=RETRY)
+        with request.app.state.admission.place():
+            record = await run_in_threadpool(jobs.create, resolved.params, tenant)
+    except QueueFull as e:
+        headers = {"Retry-After": str(e.retry_after_s)}
+        return openai_error(429, str(e), "rate_limit_exceeded", code="queue_full", headers=headers)
     except (StoreUnavailable, ArtifactStoreError) as e:
-        return openai_error(503, f"the job could not be stored: {e}", "unavailable", headers=RETRY)
+        logger.error("could not store a job: %s", e)  # the details (paths, hosts) stay in the log
+        return openai_error(503, f"the job could not be stored: {cause_of(e)}", "unavailable", headers=RETRY)
     # The record keeps the params without the image (the image is an artifact of its own, never shown).
     return _json(video_object(record, jobs, resolved.adjustments))
 
@@ -255,11 +273,12 @@ def create_video(
 @videos_router.get("", responses={200: {"model": VideoList}, **error_responses(422, 500, openai=True)})
 def list_videos(
     jobs: JobsDep,
+    tenant: TenantDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     order: Literal["asc", "desc"] = "desc",
 ) -> JSONResponse:
-    page, more = jobs.store.list(after, limit, order)
+    page, more = jobs.list(after, limit, order, tenant)
     data = [listed_video(r, jobs) for r in page]
     last = data[-1]["id"] if data else None
     first = data[0]["id"] if data else None
@@ -267,8 +286,8 @@ def list_videos(
 
 
 @videos_router.get("/{video_id}", responses={200: {"model": VideoObject}, **error_responses(404, 500, openai=True)})
-def retrieve_video(video_id: str, jobs: JobsDep) -> JSONResponse:
-    record = jobs.get(video_id)
+def retrieve_video(video_id: str, jobs: JobsDep, tenant: TenantDep) -> JSONResponse:
+    record = jobs.get(video_id, tenant)
     if record is None:
         return _not_found(video_id)
     return _json(video_object(record, jobs))
@@ -283,8 +302,8 @@ def retrieve_video(video_id: str, jobs: JobsDep) -> JSONResponse:
         **error_responses(404, 409, 410, 422, 500, openai=True),
     },
 )
-def download_video(video_id: str, jobs: JobsDep, variant: Literal["video"] = "video"):
-    record = jobs.get(video_id)
+def download_video(video_id: str, jobs: JobsDep, tenant: TenantDep, variant: Literal["video"] = "video"):
+    record = jobs.get(video_id, tenant)
     if record is None:
         return _not_found(video_id)
     if record.status != COMPLETED:
@@ -306,10 +325,10 @@ def download_video(video_id: str, jobs: JobsDep, variant: Literal["video"] = "vi
 @videos_router.delete(
     "/{video_id}", responses={200: {"model": VideoDeleted}, **error_responses(404, 500, openai=True)}
 )
-def delete_video(video_id: str, jobs: JobsDep) -> JSONResponse:
+def delete_video(video_id: str, jobs: JobsDep, tenant: TenantDep) -> JSONResponse:
     """Cancel the job if it is still running (at its next step, on whichever replica) and delete
     its record and video."""
-    if not jobs.delete(video_id):
+    if not jobs.delete(video_id, tenant):
         return _not_found(video_id)
     return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
 

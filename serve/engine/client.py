@@ -16,6 +16,7 @@ from pathlib import Path
 from models.registry import resolve
 from serve.config import ServerConfig
 from serve.engine.core import (
+    DuplicateRequest,
     EngineCore,
     EngineError,
     EngineUnavailable,
@@ -30,6 +31,7 @@ from serve.jobs.artifacts import ArtifactStore, ArtifactTarget
 from serve.worker.factory import DEFAULT_RUNNER_FACTORY, RunnerConfig, WorkerArgs
 
 __all__ = [
+    "DuplicateRequest",
     "EngineClient",
     "EngineError",
     "EngineUnavailable",
@@ -137,8 +139,23 @@ class EngineClient:
 
         Cancelling the awaiting task (client disconnect) cancels the request at the next step.
         """
-        _, future = self.core.add_request(params, output=SCRATCH)
-        return await asyncio.wrap_future(future)
+        return await asyncio.wrap_future(self.enqueue(params))
+
+    def enqueue(self, params: GenerationParams) -> Future[GenerationResult]:
+        """`generate`'s first half: queue the request now (raises QueueFull, EngineUnavailable);
+        await `asyncio.wrap_future` of the result (cancelling that cancels the request)."""
+        return self.core.add_request(params, output=SCRATCH)[1]
+
+    def fail_all(self, reason: str) -> None:
+        """Give up on everything queued or running (they get EngineUnavailable)."""
+        self.core.fail_all(reason)
+
+    def waiting_count(self) -> int:
+        """Requests queued here and on no worker yet."""
+        return self.core.waiting_count()
+
+    def retry_after_s(self) -> int:
+        return self.core.retry_after_s()
 
     def cancel(self, request_id: str) -> bool:
         return self.core.abort(request_id)
