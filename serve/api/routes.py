@@ -317,12 +317,14 @@ def health(engine: EngineDep) -> HealthResponse | JSONResponse:
 )
 def ready(engine: EngineDep, request: Request) -> HealthResponse | JSONResponse:
     """200 only once every worker has loaded the model and run its warmup, and while this replica
-    takes work; 503 before, while down, while draining after SIGTERM or while the artifact store
-    cannot be written."""
+    takes work; 503 before, while down, while a worker restarts (naming it; /health stays 200
+    while another serves), while draining after SIGTERM or while the artifact store cannot be
+    written."""
     problem = request.app.state.jobs.ready_problem
     if engine.is_ready() and problem is None:
         return HealthResponse(status="ok")
-    body = HealthResponse(status="unavailable", reason=problem or engine.health_reason() or "warming up")
+    reason = problem or engine.health_reason() or engine.core.unready_reason() or "warming up"
+    body = HealthResponse(status="unavailable", reason=reason)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
 
 

@@ -120,6 +120,7 @@ class EngineCore:
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join()
+        self.ready.clear()  # the loop's last iteration may have set it again
         self._down_reason = "engine stopped"
         self._fail_all("the server is shutting down", unavailable=True)
         self.executor.stop()
@@ -160,6 +161,10 @@ class EngineCore:
         if self.is_healthy():
             return None
         return self._down_reason or "the worker process is not running (restarting)"
+
+    def unready_reason(self) -> str | None:
+        """Which workers cannot take work now and why (/ready); None when all can."""
+        return "; ".join(self.executor.unready()) or None
 
     def request_state(self, request_id: str) -> dict | None:
         """Status, step, queue position and ETA of a live request (None once it ended)."""
@@ -215,10 +220,13 @@ class EngineCore:
     def _schedule(self):
         self._maybe_restart()
         if not self.executor.any_ready():
-            self._down_reason = f"no worker is running; retrying. Last restart: {self.executor.last_error}"
-            self._stopping.wait(RESTART_BACKOFF_S)
+            self.ready.clear()
+            self._down_reason = f"no worker is up: {self.unready_reason()}"
+            # While a replacement loads, look for its Ready often; otherwise wait out the backoff.
+            self._stopping.wait(POLL_S if self.executor.loading() else RESTART_BACKOFF_S)
             return None
         self._down_reason = None
+        self._note_readiness()
         now = time.monotonic()
         with self._lock:
             output = self.scheduler.schedule(self.executor.idle_workers(), now)
@@ -268,12 +276,21 @@ class EngineCore:
         self._settle_ended(ended)
 
     def _maybe_restart(self) -> None:
-        """Restart dead workers, at most once per backoff period (a restart that fails would
-        otherwise spin, reloading the model in a loop)."""
+        """Take in restarted workers that have loaded, and restart dead ones, at most once per
+        backoff period (a restart that fails would otherwise spin, reloading the model in a loop).
+        Neither waits for a load: the loop goes on serving with the workers that are up."""
+        self.executor.collect_restarts()
         now = time.monotonic()
         if self.executor.has_dead() and now - self._last_restart >= RESTART_BACKOFF_S:
             self._last_restart = now
             self.executor.restart_dead()
+
+    def _note_readiness(self) -> None:
+        """/ready is 200 only while every worker is up (and never again once stopping)."""
+        if self.executor.unready() or self._stopping.is_set():
+            self.ready.clear()
+        else:
+            self.ready.set()
 
     def _settle_ended(self, ended: list[Request]) -> None:
         for r in ended:

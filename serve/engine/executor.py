@@ -1,7 +1,11 @@
 """Worker processes, one per device: start them, send them units, collect reports, restart the dead.
 
 Only the EngineCore thread calls into an executor (start/stop excepted), so it needs no locks;
-`is_ready` is safe from any thread.
+`any_ready` and `unready` only read, and are safe from any thread.
+
+A restart never blocks that thread: `restart_dead` spawns the process and returns, and
+`collect_restarts` (each loop iteration) takes it in once it reports Ready, so the other workers
+keep serving while it loads.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing as mp
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
@@ -48,6 +53,12 @@ class WorkerHandle:
     unit: WorkUnit | None = None  # in flight
     unit_id: int | None = None
     info: Ready | None = None
+    loading_since: float | None = None  # monotonic time its (re)start was spawned, until it is Ready
+    error: str | None = None  # why its last restart failed
+
+    @property
+    def where(self) -> str:
+        return f"worker {self.index} ({self.args.device})"
 
     def alive(self) -> bool:
         proc = self.proc
@@ -59,7 +70,6 @@ class Executor:
         self.workers = [WorkerHandle(i, args) for i, args in enumerate(worker_args)]
         self.start_timeout_s = start_timeout_s
         self._unit_ids = itertools.count(1)
-        self.last_error: str | None = None  # why the last restart failed, for /health
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -81,40 +91,59 @@ class Executor:
         w.proc.start()
         child.close()  # keep only the worker's copy, so its death shows here as EOF
         w.conn = parent
+        w.loading_since = time.monotonic()
 
     def _await_ready(self, w: WorkerHandle) -> None:
-        where = f"worker {w.index} ({w.args.device})"
+        """Block until `w` has loaded (at start, before the engine loop runs)."""
         if not w.conn.poll(self.start_timeout_s):
             self._kill(w)
-            raise WorkerStartError(
-                f"{where} did not load {w.args.model_dir} within {self.start_timeout_s:.0f}s; "
-                "raise worker_start_timeout_s or check the worker log"
-            )
+            raise self._too_slow(w)
+        self._take_in(w)
+
+    def _too_slow(self, w: WorkerHandle) -> WorkerStartError:
+        return WorkerStartError(
+            f"{w.where} did not load {w.args.model_dir} within {self.start_timeout_s:.0f}s; "
+            "raise worker_start_timeout_s or check the worker log"
+        )
+
+    def _take_in(self, w: WorkerHandle) -> None:
+        """Read the loading worker's first message (it has one, or has exited): Ready, or why not."""
         try:
             message = w.conn.recv()
         except (EOFError, OSError):
             w.proc.join(5)
-            raise WorkerStartError(f"{where} exited (code {w.proc.exitcode}) while loading; see its log") from None
+            raise WorkerStartError(f"{w.where} exited (code {w.proc.exitcode}) while loading; see its log") from None
         if not isinstance(message, Ready):
             self._kill(w)
             reason = message.reason if isinstance(message, LoadFailed) else f"unexpected {message!r}"
-            raise WorkerStartError(f"{where} could not load {w.args.model_dir}: {reason}")
-        w.ready, w.info = True, message
+            raise WorkerStartError(f"{w.where} could not load {w.args.model_dir}: {reason}")
+        w.ready, w.info, w.loading_since, w.error = True, message, None, None
         log.info("worker %d pid %s ready on %s", w.index, w.proc.pid, w.args.device)
 
     def restart_dead(self) -> None:
-        """Start a fresh process for each dead worker (blocks while it loads)."""
+        """Spawn a fresh process for each dead worker and return at once (`collect_restarts`)."""
         for w in self.workers:
-            if not w.ready and w.proc is not None:
-                w.proc.join()
-                w.conn.close()
+            if self._needs_restart(w):
+                self._kill(w)  # dead already, or alive but no longer answering: join() must not hang
                 w.restarts += 1
                 self._spawn(w)
-                try:
-                    self._await_ready(w)
-                except WorkerStartError as e:
-                    self.last_error = str(e)
-                    log.error("restart failed: %s", e)
+
+    def collect_restarts(self) -> None:
+        """Take in restarted workers that have loaded; give up on one that failed or is too slow
+        (it is dead again, and restarted after the engine's backoff)."""
+        now = time.monotonic()
+        for w in self.workers:
+            if w.loading_since is None:
+                continue
+            try:
+                if w.conn.poll():
+                    self._take_in(w)
+                elif now - w.loading_since > self.start_timeout_s:
+                    self._kill(w)
+                    raise self._too_slow(w)
+            except WorkerStartError as e:
+                w.loading_since, w.error = None, str(e)
+                log.error("restart failed: %s", e)
 
     def stop(self, timeout: float = 10.0) -> None:
         for w in self.workers:
@@ -126,9 +155,11 @@ class Executor:
         for w in self.workers:
             if w.proc is not None:
                 # A unit still in flight was already failed by the caller; waiting would only let
-                # the worker block on sending an MP4 that nobody reads.
-                w.proc.join(0 if w.unit else timeout)
+                # the worker block on sending an MP4 that nobody reads. One still loading has
+                # nothing to finish.
+                w.proc.join(0 if w.unit or w.loading_since is not None else timeout)
                 self._kill(w)
+                w.loading_since = None
 
     def _kill(self, w: WorkerHandle) -> None:
         if w.proc.is_alive():
@@ -141,11 +172,35 @@ class Executor:
     def idle_workers(self) -> list[int]:
         return [w.index for w in self.workers if w.ready and w.unit is None]
 
+    @staticmethod
+    def _needs_restart(w: WorkerHandle) -> bool:
+        return not w.ready and w.loading_since is None and w.proc is not None
+
     def has_dead(self) -> bool:
-        return any(not w.ready for w in self.workers)
+        """A worker is dead and not being restarted."""
+        return any(self._needs_restart(w) for w in self.workers)
+
+    def loading(self) -> bool:
+        """A restarted worker is loading."""
+        return any(w.loading_since is not None for w in self.workers)
 
     def any_ready(self) -> bool:
         return any(w.alive() for w in self.workers)
+
+    def unready(self) -> list[str]:
+        """A line for each worker that cannot take work now, saying why (for /ready and /health)."""
+        now, lines = time.monotonic(), []
+        for w in list(self.workers):
+            if w.alive():
+                continue
+            since, error = w.loading_since, w.error  # one read each: the engine thread writes them
+            if since is not None:
+                lines.append(f"{w.where} is not running (restarting: loading the model, {now - since:.0f}s so far)")
+            elif error is not None:
+                lines.append(f"{w.where} is not running (its last restart failed, retrying: {error})")
+            else:
+                lines.append(f"{w.where} is not running (restarting)")
+        return lines
 
     def submit(
         self, unit: WorkUnit, params: tuple[tuple[str, GenerationParams], ...] = (), outputs: tuple[str, ...] = ()
@@ -167,7 +222,8 @@ class Executor:
     def poll(self, timeout: float) -> list[UnitOutcome | WorkerDied]:
         """Wait up to `timeout` for any worker to report; return finished units and deaths."""
         live = [w for w in self.workers if w.ready]
-        wait([x for w in live for x in (w.conn, w.proc.sentinel)], timeout)
+        loading = [w.conn for w in self.workers if w.loading_since is not None]  # wake up for their Ready
+        wait([x for w in live for x in (w.conn, w.proc.sentinel)] + loading, timeout)
         events: list[UnitOutcome | WorkerDied] = []
         for w in live:
             events += self._drain(w)

@@ -97,6 +97,7 @@ class Request:
     worker: int | None = None  # the worker that holds its latents, from encoding on
     experts: tuple[int, ...] = ()  # expert index of each step, reported by the worker after encoding
     cancel_requested: bool = False
+    retries: int = 0  # times started over from step 0 after its worker died mid-way
     last_scheduled: float = 0.0  # when a unit of this request last ran (starvation bound)
     timings: dict[str, float] = field(default_factory=dict)
     trace: list[tuple[str, int, int]] = field(default_factory=list)  # (unit kind, worker, batch size) per unit

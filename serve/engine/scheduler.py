@@ -26,6 +26,9 @@ from serve.engine.request import Request, RequestStatus
 
 UnitKind = Literal["encode", "denoise", "decode"]
 
+# How often a request that was mid-way on a worker that died is started over before it fails.
+MAX_RETRIES = 1
+
 
 class QueueFullError(Exception):
     def __init__(self, max_queue: int) -> None:
@@ -67,6 +70,14 @@ class SchedulerOutput:
 def _decode_shape(r: Request) -> tuple[str, int, int, int]:
     key = r.batch_key
     return key.model, key.height, key.width, key.num_frames
+
+
+def _alone(candidates: list[Request]) -> list[Request]:
+    """A batch from these, oldest first: a retried request (its worker died while it ran) only by
+    itself, so that if it kills its worker again nothing else dies with it."""
+    if candidates and candidates[0].retries:
+        return candidates[:1]
+    return [r for r in candidates if not r.retries]
 
 
 class Scheduler:
@@ -147,8 +158,8 @@ class Scheduler:
         if not self.waiting or room <= 0 or not self._is_least_loaded(worker):
             return None
         take = min(room, self.config.max_batch_size, len(self.waiting))
-        ids = tuple(self.waiting[i].request_id for i in range(take))
-        return WorkUnit("encode", worker, ids)
+        batch = _alone([self.waiting[i] for i in range(take)])
+        return WorkUnit("encode", worker, tuple(r.request_id for r in batch))
 
     def _decode_unit(self, worker: int) -> WorkUnit | None:
         """The oldest finished request, with others of its shape (one VAE call decodes them all)."""
@@ -158,7 +169,7 @@ class Scheduler:
         if not ready:
             return None
         shape = _decode_shape(ready[0])
-        batch = [r for r in ready if _decode_shape(r) == shape][: self.config.max_batch_size]
+        batch = _alone([r for r in ready if _decode_shape(r) == shape][: self.config.max_batch_size])
         return WorkUnit("decode", worker, tuple(r.request_id for r in batch))
 
     def _denoise_unit(self, worker: int, now: float) -> WorkUnit | None:
@@ -193,7 +204,7 @@ class Scheduler:
         tokens = key.tokens
         cap = self.config.max_batch_cost_s
         batch: list[Request] = []
-        for r in members[: self.config.max_batch_size]:
+        for r in _alone(members[: self.config.max_batch_size]):
             if batch and cap is not None and self.cost.batch_step_s(tokens, key.cfg, len(batch) + 1) > cap:
                 break
             batch.append(r)
@@ -263,10 +274,33 @@ class Scheduler:
         return [self._finish(r, RequestStatus.FAILED, reason) for r in requests]
 
     def _worker_died(self, event: WorkerDied) -> list[Request]:
-        self.in_flight.pop(event.worker, None)
+        """Its requests' latents died with it. One that had not started lost nothing and goes back
+        to the queue. One that was mid-way, or in the unit that was running (a suspect), starts
+        over from step 0 on any worker (its noise comes from its seed: the same video), once; after
+        that it fails with the reason, since it may be what kills its worker. Retried requests run
+        alone (`_alone`), so a batch-mate of the culprit is not failed with it."""
+        unit = self.in_flight.pop(event.worker, None)
+        suspects = set(unit.request_ids) if unit is not None else set()
         self.loaded_expert[event.worker] = None
-        held = self._on_worker(event.worker)
-        return [self._finish(r, RequestStatus.FAILED, event.reason) for r in held]
+        requeue, ended = [], []
+        for r in self._on_worker(event.worker):
+            if r.step > 0 or r.status == RequestStatus.DECODING or r.request_id in suspects:
+                if r.retries >= MAX_RETRIES:
+                    reason = f"{event.reason}; it had been retried once from its seed and died again"
+                    ended.append(self._finish(r, RequestStatus.FAILED, reason))
+                    continue
+                r.retries += 1
+            requeue.append(r)
+        for r in sorted(requeue, key=lambda r: r.arrival_time, reverse=True):
+            self._requeue(r)
+        return ended
+
+    def _requeue(self, r: Request) -> None:
+        """Back to the front of the queue (these came before anything still waiting); the queue
+        limit does not apply, it was admitted already."""
+        r.status, r.worker, r.step, r.experts = RequestStatus.WAITING, None, 0, ()
+        r.timings = {}  # the stages of the run that makes the video; the lost one counts as queue time
+        self.waiting.appendleft(r)
 
     def _end_cancelled_and_expired(self, now: float, out: SchedulerOutput) -> None:
         busy = {rid for unit in self.in_flight.values() for rid in unit.request_ids}

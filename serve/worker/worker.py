@@ -16,8 +16,10 @@ import contextlib
 import dataclasses
 import importlib
 import logging
+import sys
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,32 @@ def import_object(path: str) -> Any:
 
 def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
+
+
+def _is_oom(e: BaseException) -> bool:
+    """torch.OutOfMemoryError (torch.cuda.OutOfMemoryError is the same class), told by name so
+    this module needs no torch; or the host's MemoryError."""
+    return isinstance(e, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__)
+
+
+def _oom_reason(params: GenerationParams) -> str:
+    return (
+        f"out of memory at {params.width}x{params.height}, {params.num_frames} frames (even alone in its batch): "
+        "lower the resolution or the number of frames, or hold fewer requests per worker (--max-running-per-worker)"
+    )
+
+
+def _release_cached_memory() -> None:
+    """Hand the device memory torch's allocator keeps cached back before a retry, if torch is in
+    use here at all (the fake runner never imports it)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _steps_done(state: Any) -> int | None:
+    """How many steps a runner's state has taken (both runners' states keep `step`)."""
+    return getattr(state, "step", None)
 
 
 def _decode_failure(e: BaseException) -> str:
@@ -122,62 +150,120 @@ class Worker:
     # ---- units ----------------------------------------------------------------------------------
 
     def encode(self, unit: EncodeUnit) -> UnitReport:
-        try:
-            states = self.runner.start([params for _, params in unit.requests])
-        except Exception as e:  # the batch's text encode failed: every request in it fails
-            log.error("encode failed:\n%s", traceback.format_exc())
-            return UnitReport(unit.unit_id, failed={rid: _reason(e) for rid, _ in unit.requests})
+        params = dict(unit.requests)
+        outputs = dict(zip(params, unit.outputs or (next(iter(self.stores), ""),) * len(params), strict=True))
+        states: dict[str, Any] = {}
+
+        def start(ids: list[str]) -> None:
+            states.update(zip(ids, self.runner.start([params[rid] for rid in ids]), strict=True))
+
+        # Starting has no effect outside the states it returns: a part that raised is rerun whole.
+        failed = self._isolating(list(params), start, params, lambda ids: ids)
         experts = {}
-        outputs = unit.outputs or (next(iter(self.stores), ""),) * len(unit.requests)
-        for (rid, params), state, output in zip(unit.requests, states, outputs, strict=True):
-            self.states[rid], self.params[rid], self.outputs[rid] = state, params, output
+        for rid, state in states.items():
+            self.states[rid], self.params[rid], self.outputs[rid] = state, params[rid], outputs[rid]
             experts[rid] = tuple(self.runner.experts_of(state))
-        return UnitReport(unit.unit_id, experts=experts)
+        return UnitReport(unit.unit_id, failed=failed, experts=experts)
 
     def denoise(self, unit: StepUnit) -> UnitReport:
-        try:
-            self.runner.denoise_step([self.states[rid] for rid in unit.request_ids], unit.expert)
-        except Exception as e:  # the batch shared one forward pass: all its requests fail
-            log.error("denoise step failed:\n%s", traceback.format_exc())
-            self.free(unit.request_ids)
-            return UnitReport(unit.unit_id, failed={rid: _reason(e) for rid in unit.request_ids})
-        return UnitReport(unit.unit_id)
+        """One step for the batch; if it raises, the members find out alone (`_isolating`).
+
+        Rerunning a member is sound because a runner's step (ModelRunner and the test fake alike)
+        advances a request (latents, sampler, `step`) only after its forward pass returned; what
+        the forward itself updates (the step cache's residuals) is recomputed from the same inputs.
+        A member whose `step` moved before a batch-mate raised has taken its step: it is not rerun.
+        """
+        ids = list(unit.request_ids)
+        before = {rid: _steps_done(self.states[rid]) for rid in ids}
+
+        def step(part: list[str]) -> None:
+            self.runner.denoise_step([self.states[rid] for rid in part], unit.expert)
+
+        def not_stepped(part: list[str]) -> list[str]:
+            return [rid for rid in part if _steps_done(self.states[rid]) == before[rid]]
+
+        failed = self._isolating(ids, step, self.params, not_stepped)
+        self.free(tuple(failed))
+        return UnitReport(unit.unit_id, failed=failed)
 
     def decode(self, unit: DecodeUnit) -> UnitReport:
         """Decode requests of one shape together, streaming each into its MP4 in its artifact store;
-        a video is stored whole or not at all (a failed write leaves no partial file)."""
-        ids = unit.request_ids
-        states = [self.states.pop(rid) for rid in ids]
-        params = [self.params.pop(rid) for rid in ids]
-        stores = [self.stores[self.outputs.pop(rid)] for rid in ids]
-        counters = sum_counters([self.runner.counters(s) for s in states])
-        writes = [store.writing(video_key(rid)) for store, rid in zip(stores, ids, strict=True)]
-        try:
-            with contextlib.ExitStack() as opened:
-                sinks = [opened.enter_context(_Deferred(w)) for w in writes]
-                timings = stream_chunks_to_mp4s(
-                    self.runner.decode_chunks(states),
-                    [sink.path for sink in sinks],
-                    [p.fps for p in params],
-                    [p.lossless for p in params],
-                    shapes=[(p.num_frames, p.height, p.width) for p in params],
-                )
-        except Exception as e:  # nothing was stored: every request of the batch fails
-            log.error("decode failed:\n%s", traceback.format_exc())
-            return UnitReport(unit.unit_id, failed={rid: _decode_failure(e) for rid in ids}, counters=counters)
-        failed, outputs = {}, {}
-        for rid, sink in zip(ids, sinks, strict=True):
-            error = sink.commit()
+        a video is stored whole or not at all (a failed write leaves no partial file). Decoding reads
+        the states without changing them, so a part that raised is decoded again in smaller parts."""
+        ids = list(unit.request_ids)
+        params = {rid: self.params[rid] for rid in ids}
+        counters = sum_counters([self.runner.counters(self.states[rid]) for rid in ids])
+        stored: dict[str, str | None] = {}  # request id -> why its commit failed (None: stored)
+        mp4_s = [0.0]
+
+        def decode(part: list[str]) -> None:
+            stored.update(zip(part, self._decode_part(part, mp4_s), strict=True))
+
+        failed = self._isolating(ids, decode, params, lambda part: part, _decode_failure)
+        outputs = {}
+        for rid, error in stored.items():
             if error is None:
                 outputs[rid] = video_key(rid)
             else:
                 failed[rid] = f"{STORAGE_FAILED}: {error}"
-        return UnitReport(unit.unit_id, failed=failed, outputs=outputs, mp4_s=timings["mp4"], counters=counters)
+        self.free(tuple(ids))
+        return UnitReport(unit.unit_id, failed=failed, outputs=outputs, mp4_s=mp4_s[0], counters=counters)
+
+    def _decode_part(self, ids: list[str], mp4_s: list[float]) -> list[str | None]:
+        """Decode and store these videos; each one's commit error (None: stored). Raises, having
+        stored none, if decoding or encoding failed."""
+        states = [self.states[rid] for rid in ids]
+        params = [self.params[rid] for rid in ids]
+        writes = [self.stores[self.outputs[rid]].writing(video_key(rid)) for rid in ids]
+        with contextlib.ExitStack() as opened:
+            sinks = [opened.enter_context(_Deferred(w)) for w in writes]
+            timings = stream_chunks_to_mp4s(
+                self.runner.decode_chunks(states),
+                [sink.path for sink in sinks],
+                [p.fps for p in params],
+                [p.lossless for p in params],
+                shapes=[(p.num_frames, p.height, p.width) for p in params],
+            )
+        mp4_s[0] += timings["mp4"]
+        return [sink.commit() for sink in sinks]
+
+    def _isolating(
+        self,
+        ids: list[str],
+        run: Callable[[list[str]], None],
+        params: Mapping[str, GenerationParams],
+        pending: Callable[[list[str]], list[str]],
+        reason: Callable[[BaseException], str] = _reason,
+    ) -> dict[str, str]:
+        """Run a batched stage so that a failure belongs to the request that caused it: if the
+        batch raises, those of its members still `pending` (not done by the failed try) run again
+        alone, or, after an out-of-memory error, in halves; a request that fails alone fails with
+        its reason. Returns request id -> reason for the ones that failed."""
+        try:
+            run(ids)
+            return {}
+        except Exception as e:
+            log.error("%s of %d request(s) failed:\n%s", run.__name__, len(ids), traceback.format_exc())
+            oom, why = _is_oom(e), reason(e)
+        # Out here the exception and its traceback are gone, and with them the frames that held the
+        # failed try's tensors: the retry gets that memory back.
+        if oom:
+            _release_cached_memory()
+        if len(ids) == 1:
+            return {ids[0]: _oom_reason(params[ids[0]]) if oom else why}
+        left = pending(ids)
+        parts = [left[: (len(left) + 1) // 2], left[(len(left) + 1) // 2 :]] if oom else [[rid] for rid in left]
+        failed: dict[str, str] = {}
+        for part in parts:
+            if part:
+                failed.update(self._isolating(part, run, params, pending, reason))
+        return failed
 
     def free(self, request_ids: tuple[str, ...]) -> None:
         for rid in request_ids:
             self.states.pop(rid, None)
             self.params.pop(rid, None)
+            self.outputs.pop(rid, None)
 
     def run_unit(self, unit: Unit) -> UnitReport:
         start = time.perf_counter()

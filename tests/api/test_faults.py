@@ -8,8 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from serve.engine.config import WorkersConfig
 from serve.engine.request import GenerationParams
 from serve.pipeline.mp4 import decode_mp4
+from tests.api.conftest import fake_server
 from tests.engine.fake_runner import LOAD_DELAY_ENV, fake_frames
 
 SMALL = {"height": 32, "width": 32, "num_frames": 5}
@@ -84,6 +86,24 @@ def test_health_is_503_while_the_worker_restarts(small_limits_server, monkeypatc
         assert body["status"] == "unavailable" and "not running" in body["reason"]
         wait_until(lambda: http.get("/health").status_code == 200)
         assert http.post("/generate", json={"prompt": "a cat", **SMALL}).status_code == 200
+
+
+def test_health_stays_200_while_one_of_two_workers_restarts_and_ready_names_it(tiny_model_dir, monkeypatch):
+    with fake_server(tiny_model_dir, workers=WorkersConfig(count=2)) as server, server.client() as http:
+        assert http.get("/ready").status_code == 200
+        monkeypatch.setenv(LOAD_DELAY_ENV, "600")  # the replacement is still loading when the test ends
+        server.engine.core.executor.workers[1].proc.kill()
+        wait_until(lambda: "loading the model" in http.get("/ready").json().get("reason", ""))
+        ready = http.get("/ready")
+        assert ready.status_code == 503
+        assert ready.json()["reason"].startswith("worker 1 (cpu) is not running (restarting: loading the model")
+        assert "worker 0" not in ready.json()["reason"]
+        assert http.get("/health").json() == {"status": "ok"}
+        served = http.post("/generate", json={"prompt": "a cat", "seed": 4, "lossless": True, **SMALL})
+        assert served.status_code == 200  # by worker 0, while worker 1 reloads
+        expected = fake_frames(GenerationParams("a cat", "", 32, 32, 5, 16, 4, 4.0, 3.0, seed=4))
+        np.testing.assert_array_equal(decode_mp4(served.content)[0], expected)
+        assert http.get("/health").status_code == 200 and http.get("/ready").status_code == 503
 
 
 def test_oversized_bodies_are_refused_before_parsing(small_limits_server):

@@ -7,10 +7,14 @@ The prompt scripts the behaviour:
   "raise"         a denoising step raises (a per-batch failure; the worker survives)
   "encode-raise"  text encoding raises
   "exit"          the worker process dies at the request's second step
+  "oom:<n>"       a denoising step of a batch of more than <n> requests raises `OutOfMemoryError`
+                  (named as torch's is) before it changes any state, as a forward pass would
   "sleep:<s>"     the request's denoising takes about <s> seconds in all
   "bad-shape"     decoding returns frames of the wrong size
   "noise"         frames of seeded random noise (an MP4 that does not compress: fills a disk)
 anything else     frames from `fake_frames(params)`.
+A step changes each request's state as it goes (a batch-mate after it may still raise), and
+decoding a request that did not take exactly its steps raises, so a step run twice shows.
 Set REELSERVE_FAKE_LOAD_DELAY_S before a (re)start to make the worker's load slow, and
 REELSERVE_FAKE_LOAD_FAIL to make it fail (spawned workers inherit the environment).
 """
@@ -50,6 +54,10 @@ def fake_experts(num_steps: int) -> tuple[int, ...]:
     return (0,) * high + (1,) * (num_steps - high)
 
 
+class OutOfMemoryError(RuntimeError):
+    """Stands in for torch.OutOfMemoryError: the worker knows it by its name."""
+
+
 @dataclass(eq=False)
 class FakeState:
     params: GenerationParams
@@ -67,6 +75,10 @@ class FakeRunner:
 
     def denoise_step(self, states: list[FakeState], expert: int) -> None:
         for s in states:
+            prompt = s.params.prompt
+            if prompt.startswith("oom:") and len(states) > int(prompt.split(":", 1)[1]):
+                raise OutOfMemoryError(f"fake: a batch of {len(states)} does not fit")
+        for s in states:
             if self.experts_of(s)[s.step] != expert:
                 raise RuntimeError("scheduler sent a request to the wrong expert")
             prompt = s.params.prompt
@@ -80,6 +92,9 @@ class FakeRunner:
 
     def decode_chunks(self, states: list[FakeState]) -> Iterator[np.ndarray]:
         """The batch's frames in the chunks a causal VAE yields: the first frame, then four at a time."""
+        for s in states:
+            if s.step != len(self.experts_of(s)):
+                raise RuntimeError(f"decoding after {s.step} of {len(self.experts_of(s))} steps")
         videos = np.stack([self._frames(s) for s in states])
         for start in range(0, videos.shape[1], 4):
             yield videos[:, max(0, start - 3) : start + 1]

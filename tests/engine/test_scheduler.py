@@ -197,13 +197,35 @@ def test_requests_stay_on_their_worker_and_new_ones_go_to_the_least_loaded():
     assert {r.worker for r in rs} == {0, 1}
 
 
-def test_worker_death_fails_only_the_requests_it_held():
-    s = Scheduler(SchedulerConfig(max_running_per_worker=1), 2, tokens)
-    a, b, c = (add(s, params(seed=i), at=i) for i in range(3))
-    s.schedule([0, 1], now=0)
-    ended = s.update_from_output([WorkerDied(a.worker, "worker process died")])
-    assert ended == [a] and a.status == RequestStatus.FAILED and a.error == "worker process died"
-    assert b.status == RequestStatus.ENCODING and c.status == RequestStatus.WAITING
+def step(s: Scheduler, worker: int, now: float, complete: bool = True) -> WorkUnit:
+    (unit,) = s.schedule([worker], now).units
+    if complete:
+        s.update_from_output([report(unit, s)])
+    return unit
+
+
+def test_worker_death_requeues_what_had_not_started_and_retries_the_mid_way_once():
+    s = Scheduler(SchedulerConfig(max_running_per_worker=2, max_batch_size=4), 2, tokens)
+    a = add(s, params(height=64), at=0)
+    step(s, 0, now=0)  # encode a
+    step(s, 0, now=1)  # a's first step
+    b = add(s, params(height=32), at=2)  # another batch key: never in a step with a
+    assert step(s, 0, now=2).request_ids == (b.request_id,)  # encode b
+    assert step(s, 0, now=3, complete=False).request_ids == (a.request_id,)  # a's second step, running
+    d = add(s, params(), at=4)  # no room on worker 0: waits
+    assert (a.step, b.step, b.worker) == (1, 0, 0)
+
+    assert s.update_from_output([WorkerDied(0, "worker process died")]) == []
+    assert list(s.waiting) == [a, b, d]  # the dead worker's requests first, in arrival order
+    assert all(r.status == RequestStatus.WAITING and r.worker is None and r.step == 0 for r in (a, b))
+    assert (a.retries, b.retries) == (1, 0)  # only the one that was mid-way used its retry
+
+    unit = step(s, 1, now=5, complete=False)
+    assert unit.request_ids == (a.request_id,)  # a retried request runs alone, even with room for more
+    ended = s.update_from_output([WorkerDied(1, "worker process died")])
+    assert ended == [a] and a.status == RequestStatus.FAILED
+    assert a.error == "worker process died; it had been retried once from its seed and died again"
+    assert list(s.waiting) == [b, d] and b.retries == 0
 
 
 def test_queue_is_bounded():
