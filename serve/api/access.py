@@ -85,13 +85,21 @@ async def _unauthorized(scope: Scope, send: Send) -> None:
 
 def body_timeout(receive: Receive, timeout_s: float) -> Receive:
     """`receive`, except that a body part that does not arrive within `timeout_s` reads as the
-    client's disconnect (the request is dropped as if it had gone)."""
+    client's disconnect (the request is dropped as if it had gone). Only while the body is being
+    read: afterwards `receive` waits for the disconnect of a client that is still listening (a
+    `POST /generate` may run for many minutes), and that wait has no deadline."""
+    body_read = False
 
     async def receive_within() -> Message:
+        nonlocal body_read
+        if body_read:
+            return await receive()
         try:
-            return await asyncio.wait_for(receive(), timeout_s)
+            message = await asyncio.wait_for(receive(), timeout_s)
         except TimeoutError:
             return {"type": "http.disconnect"}
+        body_read = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
 
     return receive_within
 

@@ -39,6 +39,10 @@ class QueueFull(EngineError):
         self.retry_after_s = retry_after_s
 
 
+class DuplicateRequest(EngineError):
+    """A request with this id is still in the engine (its job was claimed again meanwhile)."""
+
+
 class EngineUnavailable(EngineError):
     """The engine is not running or no worker is up; nothing can be generated right now."""
 
@@ -141,6 +145,8 @@ class EngineCore:
             request.request_id = request_id
         request.deadline = request.arrival_time + self.request_timeout_s
         with self._lock:
+            if request.request_id in self.scheduler.requests:  # a job claimed again while it still runs
+                raise DuplicateRequest(f"request {request.request_id} is already running here")
             try:
                 self.scheduler.add_request(request)
             except QueueFullError as e:
@@ -181,6 +187,18 @@ class EngineCore:
                 "eta_s": self.scheduler.eta_s(request_id),
                 "worker": r.worker,
             }
+
+    def waiting_count(self) -> int:
+        with self._lock:
+            return len(self.scheduler.waiting)
+
+    def retry_after_s(self) -> int:
+        with self._lock:
+            return self._retry_after_s()
+
+    def fail_all(self, reason: str) -> None:
+        """Fail every queued and running request as unavailable (a drain that ran out of time)."""
+        self._fail_all(reason, unavailable=True)
 
     def active_count(self) -> int:
         """Requests queued or running."""

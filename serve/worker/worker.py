@@ -36,7 +36,7 @@ from serve.engine.messages import (
     UnitReport,
 )
 from serve.engine.request import GenerationParams
-from serve.jobs.artifacts import STORAGE_FAILED, ArtifactStore
+from serve.jobs.artifacts import STORAGE_FAILED, ArtifactStore, cause_of
 from serve.jobs.records import video_key
 from serve.pipeline.mp4 import stream_chunks_to_mp4s
 from serve.worker.factory import WorkerArgs
@@ -112,7 +112,8 @@ class _Deferred:
         try:
             self.write.__exit__(None, None, None)
         except Exception as e:
-            return str(e)
+            log.error("storing a video failed: %s", e)  # the whole message (store, key) in the log
+            return cause_of(e)  # the client sees the cause only, never a path or an endpoint
         return None
 
 

@@ -131,3 +131,6 @@ def test_slow_headers_and_stalled_bodies_are_closed(tiny_model_dir, tmp_path):
         with socket.create_connection(("127.0.0.1", port)) as idle:
             assert closed_within(idle, TIMEOUT_S)  # connected, sent nothing: the header deadline
         assert httpx.get(f"{live.url}/health").status_code == 200  # and the server serves on
+        # The body deadline ends with the body: a video that takes longer than it still arrives.
+        slow = httpx.post(f"{live.url}/generate", json={"prompt": "sleep:3", **SIZE}, timeout=TIMEOUT_S)
+        assert slow.status_code == 200 and slow.content[4:8] == b"ftyp"
