@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from models.wan.spec import WanSpec
 from serve.api.errors import error_responses
@@ -76,7 +78,11 @@ async def parse_body(request: Request, model: type[Model], limits: Limits) -> Pa
     image = None
     if request.headers.get("content-type", "").startswith(FORM_TYPES):
         # A text part may carry the image as base64: allow that much, not Starlette's 1 MiB default.
-        form = await request.form(max_part_size=base64_chars(limits.max_image_bytes) + 1024)
+        try:
+            form = await request.form(max_part_size=base64_chars(limits.max_image_bytes) + 1024)
+        except HTTPException as e:  # Starlette's 400 for a form it cannot parse: a body error, as bad JSON is
+            error = {"type": "form_invalid", "loc": ("body",), "msg": f"the form cannot be read: {e.detail}"}
+            raise RequestValidationError([{**error, "input": None}]) from None
         data: object = {}
         try:
             for key, value in form.multi_items():
@@ -100,7 +106,8 @@ async def parse_body(request: Request, model: type[Model], limits: Limits) -> Pa
             error = {"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error", "input": {}}
             raise RequestValidationError([{**error, "ctx": {"error": e.msg}}]) from None
         except ValueError:
-            raise _field_error("body", "the body must be JSON or multipart/form-data", None) from None
+            error = {"type": "json_invalid", "loc": ("body",), "msg": "the body must be JSON or multipart/form-data"}
+            raise RequestValidationError([{**error, "input": None}]) from None
         strict = None  # the model's own setting
     if unfit := unfit_values(data):
         raise RequestValidationError(unfit)
@@ -117,7 +124,15 @@ class NonFinite(str):
     itself has no such numbers, and a NaN that gets past parsing makes a black video or a 500."""
 
 
+class TooLong(str):
+    """A JSON integer with more digits than Python reads (`sys.get_int_max_str_digits`): no field
+    takes it, and int() would raise instead of naming the field."""
+
+
 def parse_json(body: bytes) -> object:
+    def parse_int(text: str) -> int | TooLong:
+        return int(text) if len(text) <= sys.get_int_max_str_digits() else TooLong(text)
+
     def parse_float(text: str) -> float | int | NonFinite:
         value = float(text)
         if not math.isfinite(value):
@@ -126,7 +141,7 @@ def parse_json(body: bytes) -> object:
         # is not rounded through a float).
         return int(Decimal(text)) if value.is_integer() else value
 
-    return json.loads(body, parse_constant=NonFinite, parse_float=parse_float)
+    return json.loads(body, parse_constant=NonFinite, parse_float=parse_float, parse_int=parse_int)
 
 
 def unfit_values(data: object, loc: tuple = ("body",)) -> list[dict]:
@@ -135,6 +150,8 @@ def unfit_values(data: object, loc: tuple = ("body",)) -> list[dict]:
     path or store takes them: one in a prompt used to fail every request of its text-encode batch)."""
     if isinstance(data, NonFinite):
         return [_unfit(loc, "finite_number", f"{_name(loc)} must be a finite number, not {data}")]
+    if isinstance(data, TooLong):
+        return [_unfit(loc, "too_long", f"{_name(loc)} is a number of {len(data)} digits; no field takes one so long")]
     if isinstance(data, str):
         problem = _text_problem(data)
         return [_unfit(loc, "string_unfit", f"{_name(loc)} {problem}")] if problem else []

@@ -247,3 +247,20 @@ def test_the_server_takes_exactly_the_bodies_the_schema_allows(server):
         assert long.json()["seconds"] == "8.0625" and long.json()["size"] == "32x32"
         assert "num_frames=1601->129" in long.json()["adjustments"][0]
         http.delete(f"/v1/videos/{long.json()['id']}")
+
+
+def test_a_number_too_long_to_read_or_a_body_that_is_not_utf8_is_422(server):
+    with server.client() as http:
+        errors = generate_errors(post_raw(http, "/generate", GOOD, {"seed": "1" + "0" * 5000}))
+        assert [e["loc"] for e in errors] == [["body", "seed"]] and "5001 digits" in errors[0]["msg"]
+        not_utf8 = http.post("/generate", content=b'{"prompt": "\xff"}', headers={"content-type": "application/json"})
+        assert generate_errors(not_utf8)[0]["loc"] == ["body"]
+
+
+def test_a_form_that_cannot_be_parsed_is_422_like_bad_json(server):
+    """Starlette answers 400 for broken multipart; the API documents one status for a bad body."""
+    broken = b"--b\r\nFalse--b--\r\n"
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    with server.client() as http:
+        assert generate_errors(http.post("/generate", content=broken, headers=headers))[0]["type"] == "form_invalid"
+        assert openai_error(http.post("/v1/videos", content=broken, headers=headers))["code"] == "form_invalid"
