@@ -11,14 +11,14 @@ from pydantic.json_schema import models_json_schema
 
 from models.registry import resolve
 from models.wan.spec import WanSpec
-from serve.api.access import ApiKeyMiddleware
+from serve.api.access import DOCS, PROBES, ApiKeyMiddleware
 from serve.api.admission import Admission
 from serve.api.body_limit import MAX_BODY_BYTES, BodyLimitMiddleware
 from serve.api.errors import add_error_handlers as add_common_error_handlers
 from serve.api.errors import error_response, is_openai_path
 from serve.api.images import image_body_bytes
 from serve.api.jobs import JobService, open_job_service
-from serve.api.openapi import state_contract
+from serve.api.openapi import state_contract, state_keys
 from serve.api.routes import generate_router, health_router
 from serve.api.schemas import GenerateRequest
 from serve.api.videos import VideoCreateRequest, videos_router
@@ -90,6 +90,8 @@ def document_bodies(app: FastAPI, *models: type) -> None:
     openapi = app.openapi
     state = app.state  # read now: the schema describes the server as it was built
     served = (state.limits, state.spec, state.model_name, state.config.lora.dirs)
+    access = state.config.access
+    keyed = bool(access.keys())
 
     def with_bodies() -> dict:
         if app.openapi_schema is None:
@@ -100,6 +102,8 @@ def document_bodies(app: FastAPI, *models: type) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(defs["$defs"])
             state_contract(components, *served)
+            if keyed:
+                state_keys(schema, PROBES | (DOCS if access.open_metrics else frozenset()))
         return app.openapi_schema
 
     app.openapi = with_bodies

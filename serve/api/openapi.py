@@ -169,3 +169,23 @@ def _branch(prop: dict, kind: str, missing_ok: bool = False) -> dict | None:
     if missing_ok:
         return None
     raise KeyError(f"no {kind} branch in {prop}")
+
+
+def state_keys(schema: dict, open_paths: frozenset[str]) -> None:
+    """With API keys on: the bearer scheme, and a 401 (in its API's error shape) on every
+    operation but the open ones (the probes, and the docs when they are kept open)."""
+    schema.setdefault("components", {}).setdefault("securitySchemes", {})["apiKey"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "One of the server's --api-key values",
+    }
+    for path, operations in schema.get("paths", {}).items():
+        if path in open_paths:
+            continue
+        body = "OpenAIError" if path.startswith("/v1/") or path == "/v1" else "ErrorResponse"
+        for operation in operations.values():
+            operation["security"] = [{"apiKey": []}]
+            operation.setdefault("responses", {})["401"] = {
+                "description": "Missing or invalid API key",
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
+            }

@@ -264,3 +264,21 @@ def test_a_form_that_cannot_be_parsed_is_422_like_bad_json(server):
     with server.client() as http:
         assert generate_errors(http.post("/generate", content=broken, headers=headers))[0]["type"] == "form_invalid"
         assert openai_error(http.post("/v1/videos", content=broken, headers=headers))["code"] == "form_invalid"
+
+
+def test_with_api_keys_the_schema_states_the_bearer_scheme_and_the_401s(tiny_model_dir, tmp_path):
+    from serve.api.app import create_app
+    from serve.api.config import AccessConfig
+    from serve.config import ServerConfig
+
+    config = ServerConfig(model_dir=tiny_model_dir, output_dir=tmp_path, access=AccessConfig(api_keys=("k" * 16,)))
+    doc = create_app(config).openapi()  # built from the routes: no server, no worker
+    assert doc["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http", "scheme": "bearer", "description": "One of the server's --api-key values"
+    }
+    for path, operations in doc["paths"].items():
+        for operation in operations.values():
+            keyed = path not in ("/health", "/ready")
+            assert ("401" in operation["responses"]) == keyed and ("security" in operation) == keyed, path
+    unauthorized = doc["paths"]["/v1/videos"]["post"]["responses"]["401"]["content"]["application/json"]
+    assert unauthorized["schema"]["$ref"].endswith("/OpenAIError")
