@@ -31,19 +31,21 @@ from serve.config import Limits, ServerConfig
 from serve.engine.client import EngineClient, EngineUnavailable, GenerationFailed, GenerationResult
 
 
-def get_engine(request: Request) -> EngineClient:
+# The dependencies are async: they only read app state, and a sync dependency costs a thread-pool
+# round trip per request (under a burst that queue decides who reaches admission first).
+async def get_engine(request: Request) -> EngineClient:
     return request.app.state.engine
 
 
-def get_spec(request: Request) -> WanSpec:
+async def get_spec(request: Request) -> WanSpec:
     return request.app.state.spec
 
 
-def get_limits(request: Request) -> Limits:
+async def get_limits(request: Request) -> Limits:
     return request.app.state.limits
 
 
-def get_config(request: Request) -> ServerConfig:
+async def get_config(request: Request) -> ServerConfig:
     return request.app.state.config
 
 
@@ -255,7 +257,9 @@ async def generate(
     resolved = await run_in_threadpool(resolve_request, body.fields, spec, config, body.image)
     if request.app.state.jobs.runner.draining:
         raise EngineUnavailable("the server is shutting down")
-    result = await until_disconnected(request, engine.generate(resolved.params))
+    with request.app.state.admission.place():
+        future = engine.enqueue(resolved.params)
+    result = await until_disconnected(request, asyncio.wrap_future(future))
     if result is None:
         return Response(status_code=499)  # nobody is listening; the request was cancelled
     headers = video_headers(resolved, result, total_s=time.perf_counter() - start)
