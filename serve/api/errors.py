@@ -13,6 +13,7 @@ meets a plain-text body or an HTML page.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from serve.api.schemas import ErrorResponse, OpenAIError
+from serve.jobs.artifacts import ArtifactStoreError, cause_of
+from serve.jobs.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 OPENAI_PREFIX = "/v1"
 
@@ -161,6 +166,15 @@ def add_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:  # Starlette names the first route on this path only
             headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
         return error_response(request.url.path, exc.status_code, message, headers=headers)
+
+    @app.exception_handler(StoreUnavailable)
+    @app.exception_handler(ArtifactStoreError)
+    async def store_down(request: Request, exc: Exception) -> JSONResponse:
+        # Redis restarting, S3 unreachable, a disk error: a moment's outage, not a bug. The log has
+        # the store's name; the client gets the cause and when to retry.
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        message = f"the job store is unavailable ({cause_of(exc)}); retry shortly"
+        return error_response(request.url.path, 503, message, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def unhandled(request: Request, exc: Exception) -> JSONResponse:

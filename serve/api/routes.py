@@ -22,7 +22,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from models.wan.spec import WanSpec
-from serve.api.errors import error_responses
+from serve.api.errors import error_responses, redact
 from serve.api.images import FIELD as IMAGE_FIELD
 from serve.api.images import ImageInputError, base64_chars
 from serve.api.params import ResolvedRequest, resolve
@@ -326,7 +326,7 @@ def health(engine: EngineDep) -> HealthResponse | JSONResponse:
     """200 while the engine loop and its worker are alive; 503 (with the reason) otherwise."""
     if engine.is_healthy():
         return HealthResponse(status="ok")
-    body = HealthResponse(status="unavailable", reason=engine.health_reason())
+    body = HealthResponse(status="unavailable", reason=redact(engine.health_reason() or ""))
     return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
 
 
@@ -345,7 +345,7 @@ def ready(engine: EngineDep, request: Request) -> HealthResponse | JSONResponse:
     if engine.is_ready() and problem is None:
         return HealthResponse(status="ok")
     reason = problem or engine.health_reason() or engine.core.unready_reason() or "warming up"
-    body = HealthResponse(status="unavailable", reason=reason)
+    body = HealthResponse(status="unavailable", reason=redact(reason))
     return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
 
 

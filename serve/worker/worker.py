@@ -38,6 +38,7 @@ from serve.engine.messages import (
 from serve.engine.request import GenerationParams
 from serve.jobs.artifacts import STORAGE_FAILED, ArtifactStore, cause_of
 from serve.jobs.records import video_key
+from serve.loader.errors import CheckpointError
 from serve.pipeline.mp4 import stream_chunks_to_mp4s
 from serve.worker.factory import WorkerArgs
 from serve.worker.runner import Runner
@@ -142,7 +143,10 @@ class Worker:
             self.runner = factory(self.args.model_dir, self.args.device, self.args.dtype, self.args.options)
             samples = self.runner.calibrate() if self.args.calibrate else []
         except Exception as e:  # any load error must reach the parent as a message, not a silent exit
-            log.error("worker failed to load the model:\n%s", traceback.format_exc())
+            if isinstance(e, CheckpointError):  # a bad checkpoint: its message names the file and the fix
+                log.error("worker failed to load the model: %s", e)
+            else:  # anything else is a bug: the traceback is what a report needs
+                log.error("worker failed to load the model:\n%s", traceback.format_exc())
             self.conn.send(LoadFailed(_reason(e)))
             return False
         self.conn.send(Ready(self.args.device, self.args.dtype, tuple(tuple(s) for s in samples)))
