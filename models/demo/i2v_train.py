@@ -55,6 +55,7 @@ from models.demo.train import (
     _train_loop,
     encode_prompts,
     flow_matching_loss,
+    run_timed,
 )
 from models.tiny import BOUNDARY_RATIO, flow_unipc_scheduler, save_wan_checkpoint, wan_transformer_config
 from models.wan.i2v import first_frame_mask
@@ -451,10 +452,7 @@ def _run_stages(cfg: I2VConfig, source: Path, out: Path, work: Path, stages: tup
         "experts": lambda: train_experts(cfg, source, work),
         "export": lambda: export(cfg, source, work, out),
     }
-    for stage in stages:
-        started = time.perf_counter()
-        steps[stage]()
-        print(f"[{stage}] done in {time.perf_counter() - started:.0f} s", flush=True)
+    run_timed(steps, stages)
 
 
 def main(argv: list[str] | None = None) -> None:

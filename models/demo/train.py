@@ -501,6 +501,11 @@ def _run_stages(cfg: TrainConfig, out: Path, work: Path, stages: tuple[str, ...]
         "experts": lambda: train_experts(cfg, work),
         "export": lambda: export(cfg, work, out),
     }
+    run_timed(steps, stages)
+
+
+def run_timed(steps: dict, stages: tuple[str, ...]) -> None:
+    """Run `steps[stage]` for each of `stages` in order, printing how long each took."""
     for stage in stages:
         started = time.perf_counter()
         steps[stage]()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from models.wan.spec import WanSpec
 from serve.api.images import FIELD as IMAGE_FIELD
+from serve.api.params import BOUNDS  # the same bounds the server enforces
 from serve.config import Limits
 from serve.sampling.presets import PRESETS
 
@@ -24,17 +25,6 @@ WHITESPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u
 # No text field takes a NUL (`parse_body` refuses it); the prompt also needs a non-blank character.
 NO_NUL = "^[^\\x00]*$"
 NOT_BLANK = f"^[^\\x00]*[^\\x00{WHITESPACE}][^\\x00]*$"
-
-# field -> (Limits attribute or number of the lower bound, that of the upper bound); as params.BOUNDS.
-_BOUNDS: dict[str, tuple[str | float, str | float]] = {
-    "height": ("min_height", "max_height"),
-    "width": ("min_width", "max_width"),
-    "num_frames": ("min_num_frames", "max_num_frames"),
-    "fps": ("min_fps", "max_fps"),
-    "num_inference_steps": (1, "max_num_inference_steps"),
-    "guidance_scale": (0.0, "max_guidance_scale"),
-    "guidance_scale_2": (0.0, "max_guidance_scale"),
-}
 
 
 def int_range_pattern(low: int, high: int) -> str:
@@ -101,7 +91,7 @@ def state_contract(
             continue
         schema = schemas[name]
         props = schema["properties"]
-        for field, (low, high) in _BOUNDS.items():
+        for field, (low, high) in BOUNDS.items():
             _set_bounds(props[field], _limit(limits, low), _limit(limits, high))
         for field in ("prompt", "negative_prompt"):
             _branch(props[field], "string")["maxLength"] = limits.max_prompt_chars

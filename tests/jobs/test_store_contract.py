@@ -13,11 +13,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from serve.engine.request import GenerationParams
 from serve.jobs.records import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, QUEUED, JobRecord, video_key
 from serve.jobs.redis_store import RedisJobStore
 from serve.jobs.sqlite import SqliteJobStore
 from serve.jobs.store import JobStore, StoreUnavailable
+from tests.requests import make_params
 from tests.services import RedisService, free_port
 
 IDLE_S = 1.0  # small claim idle time for the takeover tests
@@ -36,19 +36,7 @@ def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[JobStore]:
 
 
 def record(job_id: str, created_at: float | None = None) -> JobRecord:
-    params = GenerationParams(
-        prompt="a red square moving left",
-        negative_prompt="",
-        height=64,
-        width=64,
-        num_frames=17,
-        fps=16,
-        num_inference_steps=4,
-        guidance_scale=4.0,
-        guidance_scale_2=3.0,
-        seed=7,
-        loras=(("style", 0.5),),
-    )
+    params = make_params(seed=7, loras=(("style", 0.5),))  # a LoRA too: tuples must survive the JSON
     return JobRecord(job_id, "demo", params, created_at=time.time() if created_at is None else created_at)
 
 
