@@ -1,5 +1,5 @@
+import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -13,8 +13,9 @@ from tests.requests import tokens
 
 
 def make_core(model_dir: str, factory: str = FACTORY, workers: int = 1, **scheduler) -> EngineCore:
-    """The fake checkpoint's directory doubles as the output root: MP4s land in its `scratch/`."""
-    outputs = {"scratch": ArtifactTarget(str(Path(model_dir) / "scratch"))}
+    """MP4s land in a fresh directory of their own, never in `model_dir` (some tests pass the
+    session's shared tiny checkpoint, which other tests compare byte for byte)."""
+    outputs = {"scratch": ArtifactTarget(tempfile.mkdtemp(prefix="reelserve-test-outputs-"))}
     args = [
         WorkerArgs(model_dir, runner_factory=factory, calibrate=False, outputs=tuple(outputs.items()))
         for _ in range(workers)
