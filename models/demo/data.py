@@ -61,6 +61,16 @@ def all_combos() -> list[Combo]:
     return [Combo(*c) for c in itertools.product(COLOURS, SHAPES, DIRECTIONS)]
 
 
+def balanced_combos() -> list[Combo]:
+    """Every colour x direction once, the shape alternating (none held out): for each direction
+    the 7 objects share the prompt, so only what conditions the colour can tell them apart."""
+    return [
+        Combo(colour, SHAPES[(i + j) % 2], direction)
+        for i, colour in enumerate(COLOURS)
+        for j, direction in enumerate(DIRECTIONS)
+    ]
+
+
 def train_combos() -> list[Combo]:
     return [c for c in all_combos() if (c.colour, c.shape, c.direction) not in HELD_OUT]
 

@@ -55,6 +55,7 @@ from models.demo.train import (
     _train_loop,
     encode_prompts,
     flow_matching_loss,
+    parse_stages,
     run_timed,
 )
 from models.tiny import BOUNDARY_RATIO, flow_unipc_scheduler, save_wan_checkpoint, wan_transformer_config
@@ -468,10 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a few steps of every stage, to check it runs")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     args = parser.parse_args(argv)
-    stages = tuple(s for s in args.stages.split(",") if s)
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        parser.error(f"--stages: unknown {unknown}; choose from {','.join(STAGES)}")
+    stages = parse_stages(parser, args.stages, STAGES)
     cfg = SMOKE if args.smoke else I2VConfig()
     run(cfg, args.out, args.work, stages, args.source)
 

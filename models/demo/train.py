@@ -504,6 +504,15 @@ def _run_stages(cfg: TrainConfig, out: Path, work: Path, stages: tuple[str, ...]
     run_timed(steps, stages)
 
 
+def parse_stages(parser: argparse.ArgumentParser, text: str, known: tuple[str, ...]) -> tuple[str, ...]:
+    """`--stages a,b` as a tuple; an unknown stage is the parser's error, naming the known ones."""
+    stages = tuple(s for s in text.split(",") if s)
+    unknown = [s for s in stages if s not in known]
+    if unknown:
+        parser.error(f"--stages: unknown {unknown}; choose from {','.join(known)}")
+    return stages
+
+
 def run_timed(steps: dict, stages: tuple[str, ...]) -> None:
     """Run `steps[stage]` for each of `stages` in order, printing how long each took."""
     for stage in stages:
@@ -521,10 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a few steps of every stage, to check it runs")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     args = parser.parse_args(argv)
-    stages = tuple(s for s in args.stages.split(",") if s)
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        parser.error(f"--stages: unknown {unknown}; choose from {','.join(STAGES)}")
+    stages = parse_stages(parser, args.stages, STAGES)
     cfg = SMOKE if args.smoke else TrainConfig()
     run(cfg, args.out, args.work, stages)
 

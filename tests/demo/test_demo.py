@@ -17,11 +17,7 @@ from tests.pipeline.test_oracle import ATOL, params, reference_frames
 DEMO_MODEL = Path(__file__).resolve().parents[2] / "models" / "demo" / "checkpoint"
 # Every colour x direction once, the shape alternating: balanced, so a model that always draws one
 # colour or one direction scores exactly 1/7 and 1/4.
-BALANCED_COMBOS = [
-    Combo(colour, data.SHAPES[(i + j) % 2], direction)
-    for i, colour in enumerate(data.COLOURS)
-    for j, direction in enumerate(data.DIRECTIONS)
-]
+BALANCED_COMBOS = data.balanced_combos()
 
 
 @pytest.fixture(scope="module")

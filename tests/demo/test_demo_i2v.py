@@ -14,7 +14,7 @@ from diffusers import WanImageToVideoPipeline
 from safetensors.torch import load_file
 
 from models.demo import i2v_train, quality
-from models.demo.data import COLOURS, DIRECTIONS, SHAPES, Combo, render_clip
+from models.demo.data import DIRECTIONS, Combo, balanced_combos, render_clip
 from serve.worker.model_runner import ModelRunner
 from tests.models.wan.reference import ATOL, i2v_a14b_frames
 from tests.requests import make_params
@@ -22,13 +22,8 @@ from tests.requests import make_params
 DEMO = Path(__file__).resolve().parents[2] / "models" / "demo"
 I2V_MODEL = DEMO / "i2v_checkpoint"
 T2V_MODEL = DEMO / "checkpoint"
-# Every colour x direction once, the shape alternating (none of them held out): for each direction
-# the 7 images share the prompt and the seed, so only the image can tell their colours apart.
-BALANCED = [
-    Combo(colour, SHAPES[(i + j) % 2], direction)
-    for i, colour in enumerate(COLOURS)
-    for j, direction in enumerate(DIRECTIONS)
-]
+# For each direction the 7 images share the prompt and the seed: only the image tells their colours apart.
+BALANCED = balanced_combos()
 
 
 @pytest.fixture(scope="module")
