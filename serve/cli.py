@@ -65,7 +65,21 @@ def _fused_loras(args: argparse.Namespace) -> tuple[dict, ...] | None:
     return tuple(fused) or None
 
 
+def _add_model_args(p: argparse.ArgumentParser, f: Flag) -> None:
+    """`--model X` or a positional `MODEL` (as `vllm serve MODEL`): a directory or a Hugging Face id."""
+    p.add_argument(f.name, dest=f.dest, default=None, metavar="MODEL", help=f.kwargs["help"])
+    p.add_argument("model_positional", nargs="?", default=None, metavar="MODEL", help="the same as --model MODEL")
+
+
+def _model(args: argparse.Namespace) -> str | None:
+    flag, positional = args.model, args.model_positional
+    if flag is not None and positional is not None and flag != positional:
+        raise UserFacingError(f"the model is given twice ({positional} and --model {flag}); give it once")
+    return flag or positional  # None: not given here (pydantic names --model when nothing else gives it)
+
+
 ADAPTERS = {
+    ("model_dir",): Adapter(_add_model_args, _model, label="--model"),
     ("workers", "devices"): Adapter(_add_devices_flag, _devices),
     ("lora", "fused"): Adapter(_add_fused_lora_flags, _fused_loras, label="--lora-high/--lora-low"),
 }

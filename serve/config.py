@@ -9,6 +9,7 @@ one torch-free sub-config per package, each declared once in its package and han
     lora       serve/lora/config.py      LoraConfig          LoRA directories and LoRAs fused at load
     sampling   serve/sampling/config.py  SamplingConfig      default preset, step cache
     vae        serve/vae/config.py       VaeDecodeConfig     tiled, chunked, parallel decode
+    text       serve/pipeline/prompt_cache.py  TextEncodeConfig  the prompt-embedding cache
     memory     serve/loader/config.py    MemoryConfig        memory mode, weight storage, budgets
     jobs       serve/jobs/config.py      JobsConfig          job store, artifact store, claims
     access     serve/api/config.py       AccessConfig        API keys, connection timeouts
@@ -31,6 +32,7 @@ from serve.frozen import FrozenConfig, flag
 from serve.jobs.config import JobsConfig
 from serve.loader.config import MemoryConfig
 from serve.lora.config import LoraConfig
+from serve.pipeline.prompt_cache import TextEncodeConfig
 from serve.quant.config import QuantizationConfig
 from serve.sampling.config import SamplingConfig
 from serve.vae.config import VaeDecodeConfig
@@ -88,7 +90,12 @@ class ServerConfig(FrozenConfig):
     """Everything `reelserve serve` needs; built once from the CLI flags."""
 
     model_dir: Path = Field(json_schema_extra=flag("--model"))
-    """A Wan checkpoint in the diffusers layout (the directory holding model_index.json)."""
+    """A Wan checkpoint in the diffusers layout: the directory holding model_index.json, or a
+    Hugging Face id (`Wan-AI/Wan2.2-T2V-A14B-Diffusers`) already in the local Hugging Face cache
+    (read offline; nothing is downloaded)."""
+    served_model_name: tuple[str, ...] = ()
+    """Names the API serves the model under (repeat for aliases); the first is the one jobs report
+    as their `model`. Default: the Hugging Face id, or the checkpoint folder's name."""
     host: str = "127.0.0.1"
     """Interface to listen on; use 0.0.0.0 to accept connections from other hosts."""
     port: int = Field(8000, ge=0, le=65535)
@@ -121,20 +128,45 @@ class ServerConfig(FrozenConfig):
     """Default preset and step cache of every request."""
     vae: VaeDecodeConfig = VaeDecodeConfig()
     """VAE decode tiling, chunking and parallelism."""
+    text: TextEncodeConfig = TextEncodeConfig()
+    """Text encoding: the prompt-embedding cache of each worker."""
     memory: MemoryConfig = MemoryConfig()
     """Memory mode, weight storage and the planner's budgets."""
+
+    @field_validator("model_dir", mode="before")
+    @classmethod
+    def _from_hf_cache(cls, value: object) -> object:
+        """A Hugging Face id becomes its snapshot in the local cache (serve/model_source.py)."""
+        from serve.model_source import model_directory
+
+        return model_directory(value) if isinstance(value, str | Path) else value
 
     @field_validator("model_dir")
     @classmethod
     def _is_checkpoint(cls, value: Path) -> Path:
-        if not value.is_dir():
-            raise ValueError(f"model directory {value} does not exist; pass --model DIR of a Wan checkpoint")
         if not (value / "model_index.json").is_file():
             raise ValueError(
                 f"{value} has no model_index.json; pass the diffusers-layout checkpoint root "
                 "(the directory with model_index.json, transformer/, vae/, text_encoder/)"
             )
         return value.resolve()
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _names_are_usable(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            if not name.strip() or name != name.strip():
+                raise ValueError(f"served model name {name!r} is empty or has surrounding spaces; give a plain name")
+        if len(set(names)) != len(names):
+            raise ValueError(f"served model names {list(names)} repeat a name; give each once")
+        return names
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """The names the API answers to; the first is the one reported."""
+        from serve.model_source import served_name
+
+        return self.served_model_name or (served_name(self.model_dir),)
 
     @model_validator(mode="after")
     def _one_weight_storage(self) -> ServerConfig:
