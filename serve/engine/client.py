@@ -50,6 +50,7 @@ def runner_config(config: ServerConfig) -> RunnerConfig:
         sampling=config.sampling,
         vae=config.vae,
         memory=config.memory,
+        text=config.text,
         largest_request=(limits.max_height, limits.max_width, limits.max_num_frames),
     )
 

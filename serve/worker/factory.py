@@ -12,6 +12,7 @@ from serve.engine.config import DType
 from serve.jobs.artifacts import ArtifactTarget
 from serve.loader.config import MemoryConfig
 from serve.lora.config import LoraConfig
+from serve.pipeline.prompt_cache import TextEncodeConfig
 from serve.quant.config import QuantizationConfig
 from serve.sampling.config import SamplingConfig
 from serve.vae.config import VaeDecodeConfig
@@ -32,6 +33,7 @@ class RunnerConfig:
     sampling: SamplingConfig = SamplingConfig()
     vae: VaeDecodeConfig = VaeDecodeConfig()
     memory: MemoryConfig = MemoryConfig()
+    text: TextEncodeConfig = TextEncodeConfig()
     largest_request: tuple[int, int, int] = (1280, 1280, 129)
     """(height, width, frames) of the largest request the server accepts."""
 
@@ -66,6 +68,7 @@ def load_model_runner(model_dir: str, device: str, dtype: str, options: RunnerCo
 
     from models.wan.spec import read_spec
     from serve.lora.options import lora_options
+    from serve.pipeline.prompt_cache import MIB
     from serve.quant.schemes import QuantPolicy
     from serve.worker.model_runner import ModelRunner
 
@@ -80,6 +83,7 @@ def load_model_runner(model_dir: str, device: str, dtype: str, options: RunnerCo
         quant=quant,
         lora=lora_options(options.lora),
         step_cache_threshold=options.sampling.step_cache_threshold,
+        prompt_cache_bytes=int(options.text.prompt_cache_mb * MIB),
         residency=plan_residency(model_dir, device, options.memory, options.largest_request),
         vae_decode=options.vae,
     )

@@ -73,9 +73,18 @@ class ModelStages(Protocol):
 
 
 class ModelRunner:
-    def __init__(self, model: ModelStages, device: torch.device, step_cache_threshold: float | None = None) -> None:
-        """`step_cache_threshold`: first-block cache threshold for every request (None: off)."""
+    def __init__(
+        self,
+        model: ModelStages,
+        device: torch.device,
+        step_cache_threshold: float | None = None,
+        prompt_cache_bytes: int | None = None,
+    ) -> None:
+        """`step_cache_threshold`: first-block cache threshold for every request (None: off);
+        `prompt_cache_bytes`: the text encoder's embedding cache size (None: the stage's default)."""
         self.model = model
+        if prompt_cache_bytes is not None:
+            model.text_encode.set_cache_budget(prompt_cache_bytes)
         self.device = device
         self.step_cache_threshold = step_cache_threshold
         self.spec = model.spec
@@ -91,6 +100,7 @@ class ModelRunner:
         dtype: torch.dtype = torch.float32,
         quant=None,
         step_cache_threshold: float | None = None,
+        prompt_cache_bytes: int | None = None,
         **options,
     ) -> ModelRunner:
         """Resolve the checkpoint's variant and load it. `quant`: per-expert quantization applied
@@ -100,7 +110,7 @@ class ModelRunner:
         stages = getattr(importlib.import_module(module_name), class_name)
         torch_device = torch.device(device)
         model = stages.load(entry.spec, torch_device, dtype, quant, **options)
-        return cls(model, torch_device, step_cache_threshold)
+        return cls(model, torch_device, step_cache_threshold, prompt_cache_bytes)
 
     # ---- step-level API (the `Runner` protocol); `generate` composes the same calls ------------
 
@@ -111,8 +121,9 @@ class ModelRunner:
             check_resolved(p)
         prompts = [p.prompt for p in params_list]
         negatives = [p.negative_prompt for p in params_list if p.uses_cfg]
-        with self.residency.encoding() if self.residency else contextlib.nullcontext():
-            embeds = self.text_encode(prompts + negatives).to(self.device)  # the encoder may run on the host
+        # The residency swap wraps only the encoder passes: a batch of cached prompts moves nothing.
+        encoding = self.residency.encoding if self.residency else contextlib.nullcontext
+        embeds = self.text_encode(prompts + negatives, encoding).to(self.device)  # the encoder may run on the host
         states, uncond_row = [], len(prompts)
         for i, params in enumerate(params_list):
             rows = [embeds[i : i + 1]]
