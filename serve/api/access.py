@@ -1,6 +1,7 @@
 """Who may call the API, and how long a connection may sit idle.
 
 - `ApiKeyMiddleware`: with keys configured, every route but the probes (`/health`, `/ready`)
+  and the playground page's own files (`serve.api.playground.PAGE_PATHS`: static, no data)
   needs `Authorization: Bearer KEY`; the key is compared in constant time with every configured
   key (no early exit, so timing tells nothing about which key or how much of it matched). The
   caller's tenant (a hash of its key, never the key) goes into the request's state: jobs carry
@@ -21,6 +22,8 @@ import json
 import h11
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from serve.api.playground import PAGE_PATHS
 
 PROBES = frozenset({"/health", "/ready"})  # a load balancer's health checks carry no key
 DOCS = frozenset({"/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
@@ -44,7 +47,8 @@ class ApiKeyMiddleware:
     def __init__(self, app: ASGIApp, keys: tuple[str, ...], open_docs: bool = False, body_timeout_s: float = 60.0):
         self.app = app
         self.keys = keys
-        self.open_paths = PROBES | (DOCS if open_docs else frozenset())
+        # The page must load without a key: the user types it there, and the page sends it.
+        self.open_paths = PROBES | PAGE_PATHS | (DOCS if open_docs else frozenset())
         self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -19,6 +19,7 @@ from serve.api.errors import error_response, is_openai_path
 from serve.api.images import image_body_bytes
 from serve.api.jobs import JobService, open_job_service
 from serve.api.openapi import state_contract, state_keys
+from serve.api.playground import playground_router
 from serve.api.routes import generate_router, health_router
 from serve.api.schemas import GenerateRequest
 from serve.api.videos import VideoCreateRequest, videos_router
@@ -67,6 +68,7 @@ def create_app(
     app.include_router(generate_router)
     app.include_router(videos_router)
     app.include_router(health_router)
+    app.include_router(playground_router)
     add_error_handlers(app)
     document_bodies(app, GenerateRequest, VideoCreateRequest)
     return app
