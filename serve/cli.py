@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from serve.cli_flags import Adapter, Flag, add_flags, flag_label, given_values
 from serve.config import ServerConfig
+from serve.settings_file import CONFIG_ENV, Layered, layer
+from serve.settings_file import options as settings_options
 
 LORA_EXPERTS = ("high", "low")  # --lora-high: expert 0 (`transformer`), --lora-low: expert 1 (`transformer_2`)
 # `generate` runs one in-process runner: the model and runner flags of the tree, no server,
@@ -85,13 +91,44 @@ ADAPTERS = {
 }
 
 
-def _add_config_flags(p: argparse.ArgumentParser, only=None) -> None:
-    p.set_defaults(config_flags=add_flags(p, ServerConfig, ADAPTERS, only))
+def _add_config_flags(p: argparse.ArgumentParser, only=None, settings_file: bool = False) -> None:
+    """The config tree's flags; with `settings_file`, each also read from `--config FILE` and the
+    environment (serve/settings_file.py)."""
+    first = len(p._actions)  # argument groups append to their parser's list of actions
+    chosen = add_flags(p, ServerConfig, ADAPTERS, only)
+    p.set_defaults(config_flags=chosen)
+    if settings_file:
+        env_names = {f.dest: f.env for f in chosen if f.env}
+        p.set_defaults(settings=settings_options(p._actions[first:], env_names))
+        p.add_argument(
+            "--config",
+            type=Path,
+            default=None,
+            metavar="FILE",
+            help=f"a YAML file of settings, one per flag name without the dashes (port: 8000); env {CONFIG_ENV}. "
+            "Precedence: command line > REELSERVE_* environment > this file > defaults",
+        )
 
 
-def server_config(args: argparse.Namespace) -> ServerConfig:
-    """The ServerConfig of the given flags (generate: the model and runner part, run in-process)."""
-    return ServerConfig.model_validate(given_values(args, args.config_flags, ADAPTERS))
+def server_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """The ServerConfig of the given flags (generate: the model and runner part, run in-process);
+    for `serve`, with the settings of `--config FILE` and the environment where no flag was given."""
+    if getattr(args, "settings", None) is None:
+        return ServerConfig.model_validate(given_values(args, args.config_flags, ADAPTERS))
+    layered = _layered_settings(args, os.environ if environ is None else environ)
+    for warning in layered.warnings:
+        print(f"reelserve {args.command}: warning: {warning}", file=sys.stderr)
+    try:
+        return ServerConfig.model_validate(given_values(layered.args, args.config_flags, ADAPTERS))
+    except ValidationError as e:  # name the file key or variable a bad value came from, not its flag
+        raise UserFacingError(_one_line(e, layered.sources)) from None
+
+
+def _layered_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Layered:
+    if getattr(args, "model_positional", None) is not None and args.model is None:
+        args = argparse.Namespace(**{**vars(args), "model": args.model_positional})  # `serve MODEL` is a flag too
+    file = args.config or (Path(environ[CONFIG_ENV]) if environ.get(CONFIG_ENV, "").strip() else None)
+    return layer(args, args.settings, environ, file)
 
 
 def quant_policy(text: str | None, skip: tuple[str, ...], model_dir: Path):
@@ -123,7 +160,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start the HTTP server")
-    _add_config_flags(serve)
+    _add_config_flags(serve, settings_file=True)
 
     gen = sub.add_parser("generate", help="generate one video to a file")
     _add_config_flags(gen, GENERATE_FIELDS)
@@ -317,15 +354,17 @@ def cmd_tiny(args) -> int:
     return 0
 
 
-def _one_line(e: Exception) -> str:
+def _one_line(e: Exception, sources: Mapping[str, str] | None = None) -> str:
     """pydantic's ValidationError lists each bad field over several lines with a docs URL; keep
-    just the field (as its flag) and the message, which already says the fix."""
+    just the field (as its flag, or the file key or variable `sources` says it came from) and the
+    message, which already says the fix."""
     errors = getattr(e, "errors", None)
     if not callable(errors):
         return str(e)
     parts = []
     for err in errors():
         label = _flag_of(err["loc"], getattr(e, "title", ""))
+        label = (sources or {}).get(label, label)
         message = err["msg"].removeprefix("Value error, ")
         parts.append(f"{label}: {message}" if label and not message.startswith(label) else message)
     return "; ".join(parts)

@@ -37,6 +37,9 @@ class Flag:
     """The flag, e.g. `--vae-tile`."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """argparse keywords (type, choices, action, help, required)."""
+    env: str | None = None
+    """The environment variable of this setting when it is not the usual `REELSERVE_` + flag name
+    (`serve.settings_file`): a name deployments already use (`REELSERVE_API_KEYS`)."""
 
     @property
     def dest(self) -> str:
@@ -64,9 +67,9 @@ def flags(model: type[BaseModel], prefix: FieldPath = ()) -> Iterator[Flag]:
         if sub is not None and "flag" not in extra:
             yield from flags(sub, path)
             continue
-        cli = {k: v for k, v in extra.items() if k != "flag"}
+        cli = {k: v for k, v in extra.items() if k not in ("flag", "env")}
         flag = str(extra.get("flag") or "--" + name.replace("_", "-"))
-        yield Flag(path, flag, {"help": _help(info).replace(f" (`{flag}`)", ""), **cli})
+        yield Flag(path, flag, {"help": _help(info).replace(f" (`{flag}`)", ""), **cli}, extra.get("env"))
 
 
 def add_flags(

@@ -24,6 +24,7 @@ rather than numbers baked into schemas. Checks that span sub-configs live on `Se
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -112,6 +113,11 @@ class ServerConfig(FrozenConfig):
     shutdown_timeout_s: float = Field(300.0, ge=0)
     """On SIGTERM, how long running work may take to finish (new work gets 503 meanwhile); what is
     left then stays queued in the job store for the next start or another replica."""
+    log_format: Literal["text", "json"] = "text"
+    """`json`: one object per line (ts, level, logger, message, request_id when known), for log
+    collectors; `text`: one readable line per event."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """The least severe log events written (the server's, the engine's, the workers' and uvicorn's)."""
     jobs: JobsConfig = JobsConfig()
     """Job store, artifact store and claims."""
     access: AccessConfig = AccessConfig()

@@ -3,21 +3,21 @@ may sit idle. Torch-free, like every sub-config."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
 
 from pydantic import Field, model_validator
 
 from serve.frozen import FrozenConfig, flag
 
-KEYS_ENV = "REELSERVE_API_KEYS"  # comma-separated, for platforms that pass secrets as environment
+# Platforms pass secrets as environment: `reelserve serve` reads the keys from this variable
+# (comma-separated) like every setting from its REELSERVE_* variable (serve/settings_file.py).
+KEYS_ENV = "REELSERVE_API_KEYS"
 
 
 class AccessConfig(FrozenConfig):
     """API keys and connection timeouts."""
 
-    api_keys: tuple[str, ...] = Field((), repr=False, json_schema_extra=flag("--api-key"))
+    api_keys: tuple[str, ...] = Field((), repr=False, json_schema_extra=flag("--api-key", env=KEYS_ENV))
     """A key callers must send as `Authorization: Bearer KEY` (repeat the flag for several; env
     `REELSERVE_API_KEYS`, comma-separated). None: the API is open. With keys, each caller sees and
     deletes only the jobs it created."""
@@ -33,14 +33,6 @@ class AccessConfig(FrozenConfig):
     keep_alive_timeout_s: float = Field(5.0, gt=0)
     """Seconds an idle keep-alive connection stays open."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _keys_from_environment(cls, data: Any) -> Any:
-        data = dict(data or {})
-        if not data.get("api_keys") and os.environ.get(KEYS_ENV):
-            data["api_keys"] = tuple(k.strip() for k in os.environ[KEYS_ENV].split(",") if k.strip())
-        return data
-
     @model_validator(mode="after")
     def _file_is_readable(self) -> AccessConfig:
         if self.api_key_file is not None:
@@ -48,7 +40,7 @@ class AccessConfig(FrozenConfig):
         return self
 
     def keys(self) -> tuple[str, ...]:
-        """Every key: the flags', the environment's and the file's."""
+        """Every key: those given (flag, environment or config file) and the key file's."""
         found = list(self.api_keys)
         if self.api_key_file is not None:
             try:

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import os
-from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
 from serve.frozen import FrozenConfig, flag
 
-# Settings a container platform passes as environment rather than flags (a flag still wins).
-ENVIRONMENT = {
-    "job_store": "REELSERVE_JOB_STORE",
-    "artifacts": "REELSERVE_ARTIFACTS",
-    "s3_endpoint_url": "REELSERVE_S3_ENDPOINT_URL",
-    "webhook_secret": "REELSERVE_WEBHOOK_SECRET",
-}
+# Container platforms pass these as environment (REELSERVE_JOB_STORE, REELSERVE_ARTIFACTS, ...):
+# `reelserve serve` reads every setting from REELSERVE_* variables (serve/settings_file.py).
 
 
 class JobsConfig(FrozenConfig):
@@ -44,15 +37,6 @@ class JobsConfig(FrozenConfig):
     """Tries per webhook delivery (1 s, 2 s, 4 s, ... apart) before it is given up and logged."""
     claim_idle_s: float = Field(60.0, gt=0)
     """A running job whose replica has not refreshed its claim for this long is taken over by another."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_environment(cls, data: Any) -> Any:
-        data = dict(data or {})
-        for name, variable in ENVIRONMENT.items():
-            if data.get(name) is None and os.environ.get(variable):
-                data[name] = os.environ[variable]
-        return data
 
     @field_validator("job_store")
     @classmethod

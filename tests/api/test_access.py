@@ -78,11 +78,11 @@ def test_a_caller_sees_and_deletes_only_its_own_jobs(server):
     assert alice.videos.delete(job.id).deleted
 
 
-def test_keys_from_a_file_and_the_environment(tmp_path, monkeypatch):
+def test_keys_from_a_file_and_the_flags(tmp_path):
+    # REELSERVE_API_KEYS is read by `reelserve serve` like every setting: tests/test_config_file.py
     keys = tmp_path / "keys"
     keys.write_text("# operators\nfile-key-0123456789\n\n")
-    monkeypatch.setenv("REELSERVE_API_KEYS", "env-key-0123456789, other-key-0123456789")
-    config = AccessConfig(api_key_file=keys)
+    config = AccessConfig(api_key_file=keys, api_keys=("env-key-0123456789", "other-key-0123456789"))
     assert set(config.keys()) == {"file-key-0123456789", "env-key-0123456789", "other-key-0123456789"}
     with pytest.raises(ValueError, match="cannot read the API key file"):
         AccessConfig(api_key_file=tmp_path / "missing")
