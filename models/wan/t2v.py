@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from models.wan.chunked_block import set_block_chunks
 from models.wan.components import WanComponents, install_residency, load_components
 from models.wan.lora_keys import to_diffusers_module
 from models.wan.spec import WanSpec
@@ -45,7 +46,7 @@ class WanT2V:
         self.lora_log = fuse_configured(components.experts, lora, to_diffusers_module)
         self.scheduler_config = components.scheduler_config
         self.text_encode = TextEncodeStage(components.tokenizer, components.text_encoder)
-        self.denoise = DenoiseStage(components.experts, spec.boundary_timestep(), cached_forward)
+        self.denoise = DenoiseStage(components.experts, spec.boundary_timestep(), cached_forward, set_block_chunks)
         if lora.lora_dirs and lora.per_request:
             self.denoise.lora_registry = LoraRegistry(lora.lora_dirs, components.experts, to_diffusers_module)
         self.decode = wan_decode_stage(components.vae, vae_decode)

@@ -14,6 +14,7 @@ from serve.frozen import FrozenConfig, flag
 MemoryMode = Literal["auto", "resident", "expert-swap", "block-offload"]
 WeightsDtype = Literal["bf16", "fp8", "int8"]
 TextEncoderDevice = Literal["auto", "device", "swap", "cpu"]
+CfgMode = Literal["auto", "batched", "sequential"]
 
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12}
 UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tb": 10**12, "tib": 2**40}
@@ -39,6 +40,14 @@ class MemoryConfig(FrozenConfig):
     for W8A8 or per-expert choices)."""
     text_encoder_device: TextEncoderDevice = "auto"
     """Text encoder placement (`--text-encoder-device`): on the device, swapped in to encode, or on the CPU."""
+    cfg_mode: CfgMode = "auto"
+    """How classifier-free guidance runs (`--cfg-mode`): cond and uncond as one batch (`batched`, faster),
+    or one after the other (`sequential`, half the activation memory); `auto` lets the planner choose
+    sequential only when batched does not fit (on a CPU, batched)."""
+    block_chunks: int = Field(0, ge=0, le=64)
+    """Run each transformer block's token-wise work (modulation, fp32 residuals, FFN) in this many
+    sequence chunks (`--block-chunks`); 1: whole blocks; 0: the planner chooses (chunks only when
+    memory is short; on a CPU, whole)."""
     prefetch_blocks: int = Field(1, ge=0)
     """Blocks loaded ahead under block-offload (`--prefetch-blocks`, k)."""
     vram: str | None = None

@@ -7,10 +7,19 @@ from `config.json`. Held bytes follow the loader's rules: floats in bf16 except 
 class keeps in fp32, the VAE in fp32 (the runner's choice), and with fp8/int8 one byte per weight of
 each quantizable expert linear (`serve.quant.swap.eligible_linears`) plus an fp32 scale per output row.
 
-Activation estimate (an estimate, not a measurement), for one request at the largest size:
-    tokens = latent_frames * (H / (vae_spatial * patch_h)) * (W / (vae_spatial * patch_w))
-    denoise = 2 rows (CFG: cond and uncond in one pass) * tokens * (6 * hidden + 2 * ffn) * 2 bytes
-      (x, normed x, q, k, v, attention out; FFN up and its GELU; flash attention: no tokens^2 matrix)
+Activation estimate, for one request at the largest size (`denoise_activation_bytes`): the peak of
+live activation bytes inside one diffusers `WanTransformerBlock.forward` with bf16 activations, per
+token and per hidden channel, read off the code line by line (flash attention: no tokens^2 matrix):
+    attention   15 = block input 2 + normed input 2 + q, k, v 6 + RoPE's rotated copies and temporaries
+                     (counting each line gives 8 for these; the meter measures about 5: 15 covers it)
+    FFN          8 + 4 * ffn/hidden = input 2 + residual 2 + normed 2 + cross-attention output 2
+                     + the up-projection and its GELU
+    residual    22 = input 2 + residual 2 + normed 2 + cross-attention output 2 + FFN output 2
+                     + the fp32 path: residual.float() 4, ffn.float() 4, their gated product 4
+per row (CFG batched runs 2 rows, sequential 1), plus the fp32 RoPE table (cos and sin, head_dim
+each) shared by the rows. With the block run in sequence chunks (`models/wan/chunked_block.py`) only
+the attention keeps its full-sequence size; the rest is divided by the chunk count. Checked against
+the live bytes of a real block on CPU (tests/memory/test_activation_model.py, bench/activation_memory.py).
     vae decode = vae_temporal * H * W * vae_base_dim * 4 bytes (fp32) * 4 (input, output, residual, causal cache)
 
 `reelserve inspect` (models/inspect.py) prints it; torch is imported only to build modules on meta.
@@ -62,14 +71,44 @@ class ModelStats:
 
         return latent_tokens(height, width, frames, self.vae_scale_temporal, self.vae_scale_spatial, self.patch_size)
 
-    def activation_bytes(self, height: int, width: int, frames: int) -> int:
+    def activation_bytes(self, height: int, width: int, frames: int, cfg_rows: int = 2, chunks: int = 1) -> int:
+        """Denoising activations of one request: `cfg_rows` 2 runs cond and uncond as one batch, 1 one after
+        the other (or no CFG); `chunks` > 1 runs each block's token-wise work in that many sequence chunks."""
         cfg = self.experts[0].config
         hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-        return 2 * self.tokens(height, width, frames) * (6 * hidden + 2 * cfg["ffn_dim"]) * 2
+        tokens = self.tokens(height, width, frames)
+        return denoise_activation_bytes(tokens, hidden, cfg["ffn_dim"], cfg["attention_head_dim"], cfg_rows, chunks)
 
     def vae_decode_bytes(self, height: int, width: int) -> int:
         base = self.vae.config.get("decoder_base_dim") or self.vae.config.get("base_dim", 96)
         return self.vae_scale_temporal * height * width * base * 4 * 4
+
+
+# Bytes per token and hidden channel at each peak of `WanTransformerBlock.forward` (module docstring).
+ATTENTION_PEAK = 15
+RESIDUAL_PEAK = 22
+BLOCK_INPUT = 2  # the bf16 hidden state the transformer's loop holds while a block runs
+ROPE_TABLE = 2 * 4  # cos and sin, fp32, head_dim of each per token
+
+
+def ffn_peak(hidden: int, ffn: int) -> float:
+    return 8 + 4 * ffn / hidden
+
+
+def denoise_activation_bytes(tokens: int, hidden: int, ffn: int, head_dim: int, rows: int, chunks: int = 1) -> int:
+    """Peak activation bytes of one transformer forward over `rows` rows of `tokens` tokens each.
+
+    The one place the activation estimate lives: a sequence-parallel group passes the tokens each
+    rank holds. `chunks` > 1: the block's token-wise work (modulation, fp32 residuals, cross-attention,
+    FFN) runs in sequence chunks, the self-attention still on the whole sequence."""
+    if chunks <= 1:
+        per_token_channel = max(ATTENTION_PEAK, ffn_peak(hidden, ffn), RESIDUAL_PEAK)
+    else:
+        # attention output and the assembled block output stay whole; one chunk's transients on top
+        whole = BLOCK_INPUT + 2 + 2
+        chunk = max(RESIDUAL_PEAK, ffn_peak(hidden, ffn)) - BLOCK_INPUT
+        per_token_channel = max(ATTENTION_PEAK, whole + chunk / chunks)
+    return int(rows * tokens * hidden * per_token_channel) + tokens * head_dim * ROPE_TABLE
 
 
 def component_stats(component_dir: str | Path, kind: str) -> ComponentStats:

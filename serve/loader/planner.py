@@ -5,6 +5,10 @@ per switch), from the shards (same, read from disk), `block-offload` from host (
 step), from the shards. Within a mode the text encoder prefers the device, then swapping in while
 encoding, then encoding on the host. The first candidate whose device peak and host bytes fit wins.
 
+Within a residency mode, the denoising activations shrink before more weights move: CFG batched
+with whole blocks, batched with sequence-chunked blocks, sequential (cond and uncond one after the
+other), sequential with chunked blocks (`ACTIVATION_LEVELS`; both cost little next to a transfer).
+
 Device peak = weights held on the device + max(denoise activations, VAE decode working set, the
 text encoder when swapped in); the largest request comes from `serve.config.Limits`. Budgets keep a
 reserve for what we do not model: the CUDA context and allocator fragmentation on the device
@@ -23,6 +27,10 @@ from serve.loader.residency import ResidencyConfig
 log = logging.getLogger(__name__)
 
 DEVICE_RESERVE = 1 * GIB
+# Sequence chunks when chunking: past 4 the whole-sequence self-attention holds the peak (memory_model).
+CHUNKS = 4
+# (cfg mode, block chunks) in the order the planner tries them: fastest first, least memory last.
+ACTIVATION_LEVELS = (("batched", 1), ("batched", CHUNKS), ("sequential", 1), ("sequential", CHUNKS))
 HOST_RESERVE = 4 * GIB
 
 
@@ -45,6 +53,8 @@ class Plan:
     host: int
     """Host bytes held for offloaded weights and a host-side text encoder."""
     fits: bool
+    cfg_mode: str = "batched"
+    block_chunks: int = 1
 
     def config(self, prefetch_blocks: int = 1) -> ResidencyConfig:
         return ResidencyConfig(self.mode, prefetch_blocks, self.text_encoder, self.offload_source)
@@ -52,7 +62,9 @@ class Plan:
     def short(self) -> str:
         source = "(disk)" if self.offload_source == "disk" else ""
         te = {"device": "", "swap": ", TE swap", "cpu": ", TE cpu"}[self.text_encoder]
-        return f"{self.mode}{source}{te}"
+        cfg = ", CFG seq" if self.cfg_mode == "sequential" else ""
+        chunks = f", {self.block_chunks} chunks" if self.block_chunks > 1 else ""
+        return f"{self.mode}{source}{te}{cfg}{chunks}"
 
 
 def _weights_on_device(stats: ModelStats, mode: str, wdtype: str, te: str, k: int) -> int:
@@ -65,10 +77,16 @@ def _weights_on_device(stats: ModelStats, mode: str, wdtype: str, te: str, k: in
     return held + sum(e.nonblock(wdtype) for e in experts) + (k + 1) * max(e.max_block(wdtype) for e in experts)
 
 
-def estimate(stats: ModelStats, mode: str, wdtype: str, te: str, source: str, size, k: int = 1) -> tuple[int, int]:
-    """(device peak, host bytes) of one configuration for a request of `size` = (height, width, frames)."""
+def estimate(
+    stats: ModelStats, mode: str, wdtype: str, te: str, source: str, size, k: int = 1, activations=("batched", 1)
+) -> tuple[int, int]:
+    """(device peak, host bytes) of one configuration for a request of `size` = (height, width, frames);
+    `activations` = (cfg mode, block chunks)."""
     height, width, frames = size
-    working = max(stats.activation_bytes(height, width, frames), stats.vae_decode_bytes(height, width))
+    cfg_mode, chunks = activations
+    rows = 2 if cfg_mode == "batched" else 1
+    denoise = stats.activation_bytes(height, width, frames, rows, chunks)
+    working = max(denoise, stats.vae_decode_bytes(height, width))
     if te == "swap":
         working = max(working, stats.text_encoder.held["bf16"])
     device = _weights_on_device(stats, mode, wdtype, te, k) + working
@@ -78,7 +96,9 @@ def estimate(stats: ModelStats, mode: str, wdtype: str, te: str, source: str, si
     return device, host
 
 
-def candidates(stats: ModelStats, budget: Budget, size, k: int = 1, wdtypes=("bf16", "fp8", "int8")) -> list[Plan]:
+def candidates(
+    stats: ModelStats, budget: Budget, size, k: int = 1, wdtypes=("bf16", "fp8", "int8"), levels=ACTIVATION_LEVELS
+) -> list[Plan]:
     """Every configuration in preference order, with its numbers and whether it fits."""
     modes = [("resident", "host"), ("expert-swap", "host"), ("expert-swap", "disk")]
     modes += [("block-offload", "host"), ("block-offload", "disk")]
@@ -87,11 +107,19 @@ def candidates(stats: ModelStats, budget: Budget, size, k: int = 1, wdtypes=("bf
     plans = []
     for wdtype in wdtypes:
         for mode, source in modes:
-            for te in ("device", "swap", "cpu"):
-                device, host = estimate(stats, mode, wdtype, te, source, size, k)
-                fits = device + DEVICE_RESERVE <= budget.device and host + HOST_RESERVE <= budget.host
-                plans.append(Plan(mode, wdtype, te, source, device, host, fits))
+            for cfg_mode, chunks in levels:
+                for te in ("device", "swap", "cpu"):
+                    device, host = estimate(stats, mode, wdtype, te, source, size, k, (cfg_mode, chunks))
+                    fits = device + DEVICE_RESERVE <= budget.device and host + HOST_RESERVE <= budget.host
+                    plans.append(Plan(mode, wdtype, te, source, device, host, fits, cfg_mode, chunks))
     return plans
+
+
+def _allowed(p: Plan, mode: str, text_encoder: str, cfg_mode: str, block_chunks: int) -> bool:
+    """Whether `p` honours the flags (`auto` / 0 leave the choice to the planner)."""
+    chunks_ok = block_chunks == 0 or p.block_chunks == block_chunks
+    cfg_ok = cfg_mode in ("auto", p.cfg_mode)
+    return mode in ("auto", p.mode) and text_encoder in ("auto", p.text_encoder) and cfg_ok and chunks_ok
 
 
 def plan(stats: ModelStats, budget: Budget, size, wdtype: str = "bf16", k: int = 1, mode: str = "auto") -> Plan | None:
@@ -102,12 +130,28 @@ def plan(stats: ModelStats, budget: Budget, size, wdtype: str = "bf16", k: int =
     return None
 
 
-def choose(stats: ModelStats, budget: Budget, size, wdtype: str, k: int, mode: str, text_encoder: str) -> Plan:
-    """The planner's choice honoring `--memory-mode` and `--text-encoder-device`; logs the numbers behind it."""
+def choose(
+    stats: ModelStats,
+    budget: Budget,
+    size,
+    wdtype: str,
+    k: int,
+    mode: str,
+    text_encoder: str,
+    cfg_mode: str = "auto",
+    block_chunks: int = 0,
+) -> Plan:
+    """The planner's choice honoring `--memory-mode`, `--text-encoder-device`, `--cfg-mode` and
+    `--block-chunks`; logs the numbers behind it."""
+    if block_chunks not in (0, 1):
+        # a forced chunk count the levels do not list: plan with it in place of CHUNKS
+        levels = tuple((c, block_chunks if n > 1 else 1) for c, n in ACTIVATION_LEVELS)
+    else:
+        levels = ACTIVATION_LEVELS
     plans = [
         p
-        for p in candidates(stats, budget, size, k, (wdtype,))
-        if mode in ("auto", p.mode) and text_encoder in ("auto", p.text_encoder)
+        for p in candidates(stats, budget, size, k, (wdtype,), levels)
+        if _allowed(p, mode, text_encoder, cfg_mode, block_chunks)
     ]
     chosen = next((p for p in plans if p.fits), None)
     if chosen is None:
@@ -119,9 +163,10 @@ def choose(stats: ModelStats, budget: Budget, size, wdtype: str, k: int, mode: s
             "use --weights-dtype fp8, or allow --memory-mode auto"
         )
     log.info(
-        "memory plan: %s (%s weights, text encoder %s, offload source %s): device peak %.2f GiB of %.2f, "
-        "host %.2f GiB of %.2f, for %dx%dx%d frames",
-        chosen.mode, wdtype, chosen.text_encoder, chosen.offload_source, chosen.device / GIB,
+        "memory plan: %s (%s weights, text encoder %s, offload source %s, CFG %s, %d block chunks): device peak "
+        "%.2f GiB of %.2f, host %.2f GiB of %.2f, for %dx%dx%d frames",
+        chosen.mode, wdtype, chosen.text_encoder, chosen.offload_source, chosen.cfg_mode, chosen.block_chunks,
+        chosen.device / GIB,
         budget.device / GIB, chosen.host / GIB, budget.host / GIB, size[1], size[0], size[2],
     )  # fmt: skip
     return chosen

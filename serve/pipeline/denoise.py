@@ -1,4 +1,6 @@
-"""Stage: one denoising step. Picks the expert from the timestep and runs cond+uncond as one batch."""
+"""Stage: one denoising step. Picks the expert from the timestep and runs cond+uncond as one batch
+(`cfg_mode` "batched"), or as two passes of half the rows each ("sequential": half the activation
+memory, for cards where the batched pass does not fit; the planner picks it, serve/loader/planner.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ from serve.sampling.guidance import split_cfg
 CachedForward = Callable[
     [torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, Sequence[StepCache], int], torch.Tensor
 ]
+# (model, chunks) -> None: the family's way of running its blocks in sequence chunks
+# (models/wan/chunked_block.py for Wan).
+BlockChunker = Callable[[torch.nn.Module, int], None]
 
 
 class DenoiseStage:
@@ -23,15 +28,29 @@ class DenoiseStage:
         experts: list[torch.nn.Module],
         boundary_timestep: float | None,
         cached_forward: CachedForward | None = None,
+        block_chunker: BlockChunker | None = None,
     ) -> None:
         """`experts[0]` is the high-noise `transformer`, `experts[1]` (if any) the low-noise `transformer_2`.
-        `cached_forward`: how the family runs a forward with the first-block cache (None: no cache)."""
+        `cached_forward`: how the family runs a forward with the first-block cache (None: no cache).
+        `block_chunker`: how the family runs its blocks in sequence chunks (None: it cannot)."""
         if boundary_timestep is not None and len(experts) < 2:
             raise ValueError("a boundary timestep needs two experts")
         self.experts = experts
         self.boundary_timestep = boundary_timestep
         self.cached_forward = cached_forward
+        self.block_chunker = block_chunker
         self.lora_registry: LoraRegistry | None = None  # set by the runner when per-request LoRAs are allowed
+        self.cfg_mode = "batched"  # set by the worker from the memory plan
+
+    def set_activation_plan(self, cfg_mode: str, block_chunks: int) -> None:
+        """How the memory plan runs CFG ("batched" or "sequential") and how many sequence chunks each
+        transformer block's token-wise work takes (1: whole)."""
+        if block_chunks > 1 and self.block_chunker is None:
+            raise ValueError("this model cannot run its blocks in sequence chunks; use --block-chunks 1")
+        self.cfg_mode = cfg_mode
+        if self.block_chunker is not None:
+            for expert in self.experts:
+                self.block_chunker(expert, block_chunks)
 
     def expert_index(self, t: float) -> int:
         """0 while t >= boundary (high noise), then 1 (the reference pipeline's rule, boundary included)."""
@@ -63,14 +82,29 @@ class DenoiseStage:
         model = self.experts[index]
         dtype = next(model.parameters()).dtype
         hidden, t = latents.to(dtype), timesteps.to(latents.device)
-        if guidance is not None:
-            hidden, t = torch.cat([hidden, hidden]), torch.cat([t, t])
-        with apply_loras(model, self._row_loras(index, loras, hidden.shape[0])):
-            velocity = self._forward(model, index, hidden, t, embeds.to(dtype), step_caches).float()
+        embeds = embeds.to(dtype)
+        if guidance is not None and self.cfg_mode == "sequential":
+            velocity = self._sequential_cfg(model, index, hidden, t, embeds, step_caches, loras)
+        else:
+            if guidance is not None:
+                hidden, t = torch.cat([hidden, hidden]), torch.cat([t, t])
+            with apply_loras(model, self._row_loras(index, loras, hidden.shape[0])):
+                velocity = self._forward(model, index, hidden, t, embeds, step_caches).float()
         if guidance is None:
             return velocity
         scales = torch.tensor(guidance, dtype=velocity.dtype, device=velocity.device)
         return split_cfg(velocity, scales.view(-1, *([1] * (velocity.dim() - 1))))
+
+    def _sequential_cfg(self, model, expert: int, hidden, t, embeds, step_caches, loras) -> torch.Tensor:
+        """[cond; uncond] velocities from two passes of n rows each instead of one of 2n rows."""
+        if step_caches is not None:
+            # the first-block cache decides per request from its cond and uncond rows together
+            raise ValueError("sequential CFG does not combine with the step cache; use --cfg-mode batched")
+        halves = []
+        for rows in embeds.chunk(2):
+            with apply_loras(model, self._row_loras(expert, loras, hidden.shape[0])):
+                halves.append(self._forward(model, expert, hidden, t, rows, None).float())
+        return torch.cat(halves)
 
     def _forward(self, model, expert: int, hidden, t, embeds, step_caches: Sequence[StepCache] | None):
         if step_caches is None:

@@ -76,33 +76,51 @@ def load_model_runner(model_dir: str, device: str, dtype: str, options: RunnerCo
     quant = None
     if quant_text:
         quant = QuantPolicy.parse(quant_text, read_spec(model_dir).expert_names, options.quant.skip)
-    return ModelRunner.from_checkpoint(
+    step_cache = options.sampling.step_cache_threshold
+    residency, cfg_mode, block_chunks = plan_memory(
+        model_dir, device, options.memory, options.largest_request, step_cache is not None
+    )
+    runner = ModelRunner.from_checkpoint(
         model_dir,
         device=device,
         dtype=getattr(torch, dtype),
         quant=quant,
         lora=lora_options(options.lora),
-        step_cache_threshold=options.sampling.step_cache_threshold,
+        step_cache_threshold=step_cache,
         prompt_cache_bytes=int(options.text.prompt_cache_mb * MIB),
-        residency=plan_residency(model_dir, device, options.memory, options.largest_request),
+        residency=residency,
         vae_decode=options.vae,
     )
+    runner.denoise.set_activation_plan(cfg_mode, block_chunks)
+    return runner
 
 
 def plan_residency(model_dir: str, device: str, memory: MemoryConfig, largest_request: tuple[int, int, int]) -> Any:
-    """The memory mode for this worker's device: forced by `memory.mode`, or chosen by the planner
-    from this device's free memory (each GPU of a multi-GPU host is measured on its own).
-    None keeps everything resident, which is what `auto` means on a CPU: there is no separate
-    device memory to save."""
+    """The residency part of `plan_memory`."""
+    return plan_memory(model_dir, device, memory, largest_request)[0]
+
+
+def plan_memory(
+    model_dir: str, device: str, memory: MemoryConfig, largest_request: tuple[int, int, int], step_cache: bool = False
+) -> tuple[Any, str, int]:
+    """(residency, cfg mode, block chunks) for this worker's device: forced by the flags, or chosen by
+    the planner from this device's free memory (each GPU of a multi-GPU host is measured on its own).
+    Residency None keeps everything resident, which is what `auto` means on a CPU: there is no
+    separate device memory to save (and CFG runs batched, blocks whole, unless forced). The first-block
+    cache needs CFG batched (it decides per request from the cond and uncond rows together)."""
     from serve.loader.memory_model import model_stats
     from serve.loader.planner import choose, measure_budget
     from serve.loader.residency import ResidencyConfig
 
+    if step_cache and memory.cfg_mode == "sequential":
+        raise ValueError("--cfg-mode sequential does not combine with the step cache; drop one of them")
+    cfg_mode = "batched" if memory.cfg_mode == "auto" else memory.cfg_mode
+    chunks = memory.block_chunks or 1
     if memory.mode == "resident" or (memory.mode == "auto" and device == "cpu"):
-        return None
+        return None, cfg_mode, chunks
     if memory.mode != "auto":
         text = "device" if memory.text_encoder_device == "auto" else memory.text_encoder_device
-        return ResidencyConfig(memory.mode, memory.prefetch_blocks, text)
+        return ResidencyConfig(memory.mode, memory.prefetch_blocks, text), cfg_mode, chunks
     budget = measure_budget(memory.vram, memory.ram, device=device)
     plan = choose(
         model_stats(model_dir),
@@ -112,5 +130,7 @@ def plan_residency(model_dir: str, device: str, memory: MemoryConfig, largest_re
         memory.prefetch_blocks,
         "auto",
         memory.text_encoder_device,
+        "batched" if step_cache else memory.cfg_mode,
+        memory.block_chunks,
     )
-    return plan.config(memory.prefetch_blocks)
+    return plan.config(memory.prefetch_blocks), plan.cfg_mode, plan.block_chunks
