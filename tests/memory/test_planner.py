@@ -4,7 +4,7 @@ import pytest
 
 from models.inspect import write_header_fixture
 from serve.loader.memory_model import GB, GIB, model_stats
-from serve.loader.planner import Budget, choose, estimate, parse_bytes, plan
+from serve.loader.planner import ACTIVATION_LEVELS, DEVICE_RESERVE, Budget, choose, estimate, parse_bytes, plan
 
 SIZE = (720, 1280, 81)
 
@@ -58,3 +58,23 @@ def test_each_worker_plans_for_its_own_device(tiny_model_dir):
     assert (forced.mode, forced.prefetch_blocks, forced.text_encoder) == ("block-offload", 2, "device")
     with pytest.raises(ValueError, match="no memory mode fits"):
         plan_residency(model, "cuda:0", MemoryConfig(vram="1MiB", ram="64GiB"), small)
+
+
+def test_a14b_targets_on_consumer_cards(a14b) -> None:
+    """Issue 17: A14B at 81 frames plans into 12 GiB at 480p and 24 GiB at 720p with fp8 block offload,
+    shrinking activations (CFG sequential, chunked blocks) before anything else where needed."""
+    for size, vram in (((480, 832, 81), 12), ((720, 1280, 81), 24)):
+        chosen = choose(a14b, Budget(vram * GIB, 64 * GIB), size, "fp8", 1, "block-offload", "auto")
+        assert chosen.fits and chosen.device + DEVICE_RESERVE <= vram * GIB
+    # 720p in 12 GiB: only by running cond and uncond one after the other
+    tight = choose(a14b, Budget(12 * GIB, 64 * GIB), SIZE, "fp8", 1, "block-offload", "auto")
+    assert tight.cfg_mode == "sequential"
+
+
+def test_activations_shrink_only_when_memory_is_short(a14b) -> None:
+    roomy = plan(a14b, Budget(80 * GB, 256 * GB), SIZE)
+    assert (roomy.cfg_mode, roomy.block_chunks) == ("batched", 1)
+    levels = [estimate(a14b, "block-offload", "fp8", "cpu", "host", SIZE, 1, lv)[0] for lv in ACTIVATION_LEVELS]
+    assert levels == sorted(levels, reverse=True) and len(set(levels)) == len(levels)
+    forced = choose(a14b, Budget(80 * GB, 256 * GB), SIZE, "bf16", 1, "auto", "auto", "sequential", 3)
+    assert (forced.mode, forced.cfg_mode, forced.block_chunks) == ("resident", "sequential", 3)

@@ -166,3 +166,15 @@ def test_a_transfer_longer_than_the_work_after_it_stalls(tiny_model_dir) -> None
     """The same loop with slower transfers must wait: shows the stall detector is live."""
     events = _swap_events(tiny_model_dir, duration=3)
     assert any(k == "stall" and n.startswith("transformer_2") for k, n in events)
+
+
+def test_block_offload_with_sequential_cfg_and_chunked_blocks(tiny_model_dir, reference) -> None:
+    """The activation plan on top of block offload: the residency hooks fire once per block call (the
+    chunked block runs its chunks inside one), the ledger stays exact, the frames are resident's
+    within fp32 rounding (test_activation_plan.py: ATOL 2e-5)."""
+    runner = ModelRunner.from_checkpoint(tiny_model_dir, residency=ResidencyConfig("block-offload", 1))
+    runner.denoise.set_activation_plan("sequential", 3)
+    state = _steps_checking_ledger(runner)
+    torch.testing.assert_close(runner.decode(state.latents), reference, atol=2e-5, rtol=0)
+    fixed, nonblock, blocks = _unit_bytes(runner.residency)
+    assert runner.residency.ledger.peak <= fixed + sum(nonblock) + 2 * max(blocks)
