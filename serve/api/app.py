@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,6 +19,7 @@ from serve.api.errors import add_error_handlers as add_common_error_handlers
 from serve.api.errors import error_response, is_openai_path
 from serve.api.images import image_body_bytes
 from serve.api.jobs import JobService, open_job_service
+from serve.api.models import models_router
 from serve.api.openapi import state_contract, state_keys
 from serve.api.playground import playground_router
 from serve.api.routes import generate_router, health_router
@@ -25,6 +27,7 @@ from serve.api.schemas import GenerateRequest
 from serve.api.videos import VideoCreateRequest, videos_router
 from serve.config import ServerConfig
 from serve.engine.client import EngineClient, EngineUnavailable, GenerationFailed, QueueFull
+from serve.model_source import served_name
 
 
 def create_app(
@@ -38,7 +41,7 @@ def create_app(
     (tests serve the tiny text-to-video checkpoint as an image-to-video model with it). `jobs`
     is the job service when the caller opened it already (run_server, to fail before loading)."""
     engine = client or EngineClient(config)
-    jobs = jobs or open_job_service(config, engine, config.model_dir.name)
+    jobs = jobs or open_job_service(config, engine, config.model_names[0])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -56,7 +59,10 @@ def create_app(
     app.state.spec = spec or resolve(config.model_dir).spec  # JSON only: the API process never loads weights
     app.state.limits = config.limits
     app.state.config = config
-    app.state.model_name = config.model_dir.name
+    app.state.model_names = config.model_names  # /v1/models; `model` on create may be any of them
+    app.state.model_name = config.model_names[0]  # the one jobs report
+    app.state.model_root = served_name(config.model_dir)
+    app.state.started_at = int(time.time())
     app.state.jobs = jobs
     app.state.admission = Admission(engine, jobs, config.scheduler.max_queue)
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES, route_limits=body_limits(app.state.spec, config))
@@ -67,6 +73,7 @@ def create_app(
     )
     app.include_router(generate_router)
     app.include_router(videos_router)
+    app.include_router(models_router)
     app.include_router(health_router)
     app.include_router(playground_router)
     add_error_handlers(app)
@@ -91,7 +98,7 @@ def document_bodies(app: FastAPI, *models: type) -> None:
     bounds this server enforces written in (`serve.api.openapi.state_contract`)."""
     openapi = app.openapi
     state = app.state  # read now: the schema describes the server as it was built
-    served = (state.limits, state.spec, state.model_name, state.config.lora.dirs)
+    served = (state.limits, state.spec, state.model_names, state.config.lora.dirs)
     access = state.config.access
     keyed = bool(access.keys())
 

@@ -79,7 +79,7 @@ def seconds_pattern(limits: Limits) -> str:
 
 
 def state_contract(
-    schemas: dict, limits: Limits, spec: WanSpec, model_name: str, lora_dirs: tuple[Path, ...]
+    schemas: dict, limits: Limits, spec: WanSpec, model_names: tuple[str, ...], lora_dirs: tuple[Path, ...]
 ) -> None:
     """Write the served bounds into the request schemas in `schemas` (OpenAPI components), and add
     `<Name>Form`: the same fields as multipart/form-data text parts, `input_reference` as a file."""
@@ -106,7 +106,7 @@ def state_contract(
         elif spec.image_input == "required":
             schema["required"] = sorted({*schema.get("required", []), IMAGE_FIELD})
         if name == "VideoCreateRequest":
-            _branch(props["model"], "string")["enum"] = [model_name]
+            _branch(props["model"], "string")["enum"] = list(model_names)
             _branch(props["size"], "string")["pattern"] = size_pattern(limits)
             _branch(props["seconds"], "string")["pattern"] = seconds_pattern(limits)
             for kind in ("integer", "number"):

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 
 from models.wan.spec import WanSpec
 from serve.api.errors import error_responses, redact
+from serve.api.form_fields import form_fields
 from serve.api.images import FIELD as IMAGE_FIELD
 from serve.api.images import ImageInputError, base64_chars
 from serve.api.params import ResolvedRequest, resolve
@@ -85,19 +86,23 @@ async def parse_body(request: Request, model: type[Model], limits: Limits) -> Pa
         except HTTPException as e:  # Starlette's 400 for a form it cannot parse: a body error, as bad JSON is
             error = {"type": "form_invalid", "loc": ("body",), "msg": f"the form cannot be read: {e.detail}"}
             raise RequestValidationError([{**error, "input": None}]) from None
-        data: object = {}
+        texts: list[tuple[str, str]] = []
         try:
             for key, value in form.multi_items():
-                if key in data or (key == IMAGE_FIELD and image is not None):
-                    raise _field_error(key, f"{key} is given more than once", None)
                 if isinstance(value, str):
-                    data[key] = value
-                elif key == IMAGE_FIELD:
-                    image = await _read_upload(value, limits)
-                else:
+                    texts.append((key, value))
+                elif key != IMAGE_FIELD:
                     raise _field_error(key, f"{key} cannot be a file; only {IMAGE_FIELD} can", value.filename)
+                elif image is not None:
+                    raise _field_error(key, f"{key} is given more than once", None)
+                else:
+                    image = await _read_upload(value, limits)
         finally:
             await form.close()
+        # Repeated keys, `loras[][name]` parts and JSON-text `loras` (serve/api/form_fields.py).
+        data: object = form_fields(texts, model)
+        if image is not None and IMAGE_FIELD in data:
+            raise _field_error(IMAGE_FIELD, f"{IMAGE_FIELD} is given more than once", None)
         strict = False  # every form value is a string
         if flags := _form_flag_errors(data, model):
             raise RequestValidationError(flags)

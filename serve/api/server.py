@@ -79,7 +79,7 @@ def run_server(config: ServerConfig, client: EngineClient | None = None) -> None
     try:
         # The stores first (seconds), then the model (minutes): a server that cannot keep jobs
         # refuses to start before it spends the time to load.
-        jobs = open_job_service(config, client, config.model_dir.name)
+        jobs = open_job_service(config, client, config.model_names[0])
     except (StoreUnavailable, ArtifactStoreError) as e:
         raise ServerStartError(str(e)) from e
     try:

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from serve.api.errors import SafeJSONResponse, error_responses, redact
 from serve.api.jobs import JobService
+from serve.api.models import model_not_found
 from serve.api.openapi import max_seconds, seconds_pattern, size_pattern
 from serve.api.routes import (
     ConfigDep,
@@ -27,10 +28,10 @@ from serve.api.routes import (
     request_body_docs,
     resolve_request,
 )
-from serve.api.schemas import GenerateRequest
+from serve.api.schemas import GenerateRequest, OpenAIError
 from serve.engine.client import QueueFull
 from serve.jobs.artifacts import ArtifactStoreError, cause_of
-from serve.jobs.records import COMPLETED, JobRecord
+from serve.jobs.records import COMPLETED, IN_PROGRESS, QUEUED, JobRecord
 from serve.jobs.store import StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ class VideoCreateRequest(GenerateRequest):
     model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
     model: str | None = None
-    """The served model's name (this server serves one); absent means that one."""
+    """One of the names the server serves (`GET /v1/models`); absent means its model. An unknown
+    name is a 404 (`model_not_found`), as OpenAI answers one."""
     seconds: str | int | float | None = None
     """Duration; sets num_frames = seconds x fps + 1 (then rounded to 4k+1) unless num_frames is given."""
     size: str | None = None
@@ -101,8 +103,8 @@ async def get_jobs(request: Request) -> JobService:
     return request.app.state.jobs
 
 
-async def get_model_name(request: Request) -> str:
-    return request.app.state.model_name
+async def get_model_names(request: Request) -> tuple[str, ...]:
+    return request.app.state.model_names
 
 
 async def get_tenant(request: Request) -> str | None:
@@ -112,7 +114,7 @@ async def get_tenant(request: Request) -> str | None:
 
 JobsDep = Annotated[JobService, Depends(get_jobs)]
 TenantDep = Annotated[str | None, Depends(get_tenant)]
-ModelNameDep = Annotated[str, Depends(get_model_name)]
+ModelNamesDep = Annotated[tuple[str, ...], Depends(get_model_names)]
 
 
 RETRY = {"Retry-After": "5"}
@@ -135,12 +137,10 @@ def _field_error(field: str, message: str, value: object) -> RequestValidationEr
     return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
 
 
-def to_generate_request(body: VideoCreateRequest, model_name: str, spec, limits) -> GenerateRequest:
+def to_generate_request(body: VideoCreateRequest, spec, limits) -> GenerateRequest:
     """Map OpenAI's `seconds`/`size` onto reelserve's fields; explicit fields win. `size` and
     `seconds` are checked with the patterns the OpenAPI document states (serve/api/openapi.py),
     even when explicit fields override them, so the schema and the server agree on every body."""
-    if body.model is not None and body.model != model_name:
-        raise _field_error("model", f"model must be {model_name!r} (the model this server serves)", body.model)
     fields = body.model_dump(exclude={"model", "seconds", "size"}, exclude_unset=True)
     if body.size is not None:
         width, height = _size(body.size, limits)
@@ -239,7 +239,7 @@ CreateBodyDep = Annotated[ParsedBody[VideoCreateRequest], Depends(parse_create_b
 @videos_router.post(
     "",
     openapi_extra=request_body_docs("VideoCreateRequest"),
-    responses={200: {"model": VideoObject}, **error_responses(413, 422, 429, 500, 503, openai=True)},
+    responses={200: {"model": VideoObject}, **error_responses(404, 413, 422, 429, 500, 503, openai=True)},
 )
 async def create_video(
     body: CreateBodyDep,
@@ -247,13 +247,16 @@ async def create_video(
     jobs: JobsDep,
     spec: SpecDep,
     config: ConfigDep,
-    model: ModelNameDep,
+    models: ModelNamesDep,
     tenant: TenantDep,
 ) -> JSONResponse:
     """Store the job and return at once; poll `GET /v1/videos/{id}`, then download `/content`.
     Admitted on the event loop in arrival order, like `POST /generate` (serve/api/admission.py);
-    decoding an `input_reference` and writing the record run in the thread pool."""
-    fields = to_generate_request(body.fields, model, spec, config.limits)
+    decoding an `input_reference` and writing the record run in the thread pool. `model` may be
+    any served name; the job reports the first."""
+    if body.fields.model is not None and body.fields.model not in models:
+        return model_not_found(body.fields.model)
+    fields = to_generate_request(body.fields, spec, config.limits)
     resolved = await run_in_threadpool(resolve_request, fields, spec, config, body.image)
     if jobs.ready_problem is not None:
         return openai_error(503, f"not taking new jobs: {jobs.ready_problem}", "unavailable", headers=RETRY)
@@ -299,7 +302,8 @@ def retrieve_video(video_id: str, jobs: JobsDep, tenant: TenantDep) -> JSONRespo
     responses={
         200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}, "description": "The MP4"},
         307: {"description": "Redirect to a presigned URL of the MP4 (with --presigned-urls)"},
-        **error_responses(404, 409, 410, 422, 500, openai=True),
+        **error_responses(410, 422, 500, openai=True),
+        404: {"model": OpenAIError, "description": "No such video, or it is not completed (code `video_not_ready`)"},
     },
 )
 def download_video(video_id: str, jobs: JobsDep, tenant: TenantDep, variant: Literal["video"] = "video"):
@@ -307,8 +311,7 @@ def download_video(video_id: str, jobs: JobsDep, tenant: TenantDep, variant: Lit
     if record is None:
         return _not_found(video_id)
     if record.status != COMPLETED:
-        status = video_object(record, jobs).status
-        return openai_error(409, f"video {video_id} is {status}, not completed", "conflict")
+        return _no_content_yet(video_id, video_object(record, jobs).status)
     url = jobs.presigned_url(record)
     if url is not None:
         return RedirectResponse(url, status_code=307)
@@ -331,6 +334,17 @@ def delete_video(video_id: str, jobs: JobsDep, tenant: TenantDep) -> JSONRespons
     if not jobs.delete(video_id, tenant):
         return _not_found(video_id)
     return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
+
+
+def _no_content_yet(video_id: str, status: str) -> JSONResponse:
+    """A 404, as OpenAI answers a download before completion ("Video is not ready yet"): the
+    openai client retries 409 (a lock timeout to it) and 5xx, and a retry cannot make a video
+    finish sooner. The caller polls the job (`openai-poll-after-ms`), then downloads."""
+    if status in (QUEUED, IN_PROGRESS):
+        message = f"video {video_id} is not ready yet ({status}); poll GET /v1/videos/{video_id} until it is completed"
+        return openai_error(404, message, "invalid_request_error", param="video_id", code="video_not_ready")
+    message = f"video {video_id} is {status}; it has no content (GET /v1/videos/{video_id} shows why)"
+    return openai_error(404, message, "invalid_request_error", param="video_id", code=f"video_{status}")
 
 
 def _not_found(video_id: str) -> JSONResponse:
