@@ -1,7 +1,8 @@
 """`reelserve inspect DIR`: parameters, bytes per dtype and memory per residency mode, from headers only.
 
 The numbers come from the planner's memory model (`serve.loader.memory_model`: what each component
-holds per weight dtype, and the activation estimate) and its candidates (`serve.loader.planner`);
+holds per weight dtype, and the activation estimate per CFG mode and block chunks) and its candidates
+(`serve.loader.planner`: residency modes, each with the first activation level that fits);
 this module prints them, and writes header-only fixtures of the real Wan2.2 checkpoints for the
 tests and the README table.
 """
@@ -106,19 +107,37 @@ def report_rows(stats: ModelStats) -> list[list[str]]:
     return rows
 
 
-def print_report(stats: ModelStats, plans: list, size: tuple[int, int, int]) -> None:
+def activation_table(stats: ModelStats, size: tuple[int, int, int], levels) -> dict[str, int]:
+    """Denoising activation bytes per (CFG mode, block chunks) level, keyed like `batched/1`."""
+    rows = {"batched": 2, "sequential": 1}
+    return {f"{cfg}/{chunks}": stats.activation_bytes(*size, rows[cfg], chunks) for cfg, chunks in levels}
+
+
+def print_report(stats: ModelStats, plans: list, size: tuple[int, int, int], levels) -> None:
     table = [["component", "params", "on disk", "held bf16 / fp8 / int8"], *report_rows(stats)]
     _print_table(table)
     h, w, f = size
+    denoise = ", ".join(f"{key} {_fmt(n)}" for key, n in activation_table(stats, size, levels).items())
     print(
-        f"\nactivations at {w}x{h}, {f} frames: {stats.tokens(h, w, f):,} latent tokens, denoise "
-        f"{_fmt(stats.activation_bytes(h, w, f))}, VAE decode {_fmt(stats.vae_decode_bytes(h, w))}\n"
+        f"\nactivations at {w}x{h}, {f} frames: {stats.tokens(h, w, f):,} latent tokens; denoise by CFG mode / "
+        f"block chunks: {denoise}; VAE decode {_fmt(stats.vae_decode_bytes(h, w))}\n"
     )
-    rows = [["mode", "weights", "text encoder", "source", "device peak", "host", "fits"]]
-    for p in plans:
+    rows = [["mode", "weights", "text encoder", "source", "CFG", "chunks", "device peak", "host", "fits"]]
+    for p in _first_fitting_level(plans):
         fit = "yes" if p.fits else "no"
-        rows.append([p.mode, p.weights_dtype, p.text_encoder, p.offload_source, _fmt(p.device), _fmt(p.host), fit])
+        rows.append([
+            p.mode, p.weights_dtype, p.text_encoder, p.offload_source, p.cfg_mode, str(p.block_chunks),
+            _fmt(p.device), _fmt(p.host), fit,
+        ])  # fmt: skip
     _print_table(rows)
+
+
+def _first_fitting_level(plans: list) -> list:
+    """One row per residency configuration: its first activation level that fits, else its smallest."""
+    by_config: dict[tuple, list] = {}
+    for p in plans:
+        by_config.setdefault((p.weights_dtype, p.mode, p.offload_source, p.text_encoder), []).append(p)
+    return [next((p for p in group if p.fits), group[-1]) for group in by_config.values()]
 
 
 def _print_table(rows: list[list[str]]) -> None:
@@ -175,22 +194,23 @@ def add_inspect_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_inspect(args) -> int:
-    from serve.loader.planner import candidates, measure_budget
+    from serve.loader.planner import activation_levels, candidates, measure_budget
 
     memory = memory_config(args)
     stats = model_stats(args.model_dir)
     size = (args.height, args.width, args.num_frames)
     budget = measure_budget(memory.vram, memory.ram, measure=False)
-    plans = candidates(stats, budget, size, memory.prefetch_blocks)
+    levels = activation_levels(memory.cfg_mode, memory.block_chunks)
+    plans = candidates(stats, budget, size, memory.prefetch_blocks, levels=levels)
     if args.json:
         out = {"model": asdict(stats), "tokens": stats.tokens(*size), "plans": [asdict(p) for p in plans]}
-        out["activation_bytes"] = stats.activation_bytes(*size)
+        out["activation_bytes"] = activation_table(stats, size, levels)
         out["vae_decode_bytes"] = stats.vae_decode_bytes(args.height, args.width)
         for c in out["model"]["experts"] + [out["model"]["text_encoder"], out["model"]["vae"]]:
             c.pop("config")
         print(json.dumps(out, indent=2))
     else:
-        print_report(stats, plans, size)
+        print_report(stats, plans, size, levels)
     return 0
 
 

@@ -115,11 +115,17 @@ def candidates(
     return plans
 
 
-def _allowed(p: Plan, mode: str, text_encoder: str, cfg_mode: str, block_chunks: int) -> bool:
-    """Whether `p` honours the flags (`auto` / 0 leave the choice to the planner)."""
-    chunks_ok = block_chunks == 0 or p.block_chunks == block_chunks
-    cfg_ok = cfg_mode in ("auto", p.cfg_mode)
-    return mode in ("auto", p.mode) and text_encoder in ("auto", p.text_encoder) and cfg_ok and chunks_ok
+def activation_levels(cfg_mode: str = "auto", block_chunks: int = 0) -> tuple[tuple[str, int], ...]:
+    """The (cfg mode, block chunks) levels `--cfg-mode` and `--block-chunks` leave to the planner
+    (`auto` / 0: all of `ACTIVATION_LEVELS`)."""
+    levels = [(c, n) for c, n in ACTIVATION_LEVELS if cfg_mode in ("auto", c)]
+    if block_chunks:
+        levels = [(c, block_chunks) for c in dict.fromkeys(c for c, _ in levels)]
+    return tuple(levels)
+
+
+def _allowed(p: Plan, mode: str, text_encoder: str) -> bool:
+    return mode in ("auto", p.mode) and text_encoder in ("auto", p.text_encoder)
 
 
 def plan(stats: ModelStats, budget: Budget, size, wdtype: str = "bf16", k: int = 1, mode: str = "auto") -> Plan | None:
@@ -143,16 +149,8 @@ def choose(
 ) -> Plan:
     """The planner's choice honoring `--memory-mode`, `--text-encoder-device`, `--cfg-mode` and
     `--block-chunks`; logs the numbers behind it."""
-    if block_chunks not in (0, 1):
-        # a forced chunk count the levels do not list: plan with it in place of CHUNKS
-        levels = tuple((c, block_chunks if n > 1 else 1) for c, n in ACTIVATION_LEVELS)
-    else:
-        levels = ACTIVATION_LEVELS
-    plans = [
-        p
-        for p in candidates(stats, budget, size, k, (wdtype,), levels)
-        if _allowed(p, mode, text_encoder, cfg_mode, block_chunks)
-    ]
+    levels = activation_levels(cfg_mode, block_chunks)
+    plans = [p for p in candidates(stats, budget, size, k, (wdtype,), levels) if _allowed(p, mode, text_encoder)]
     chosen = next((p for p in plans if p.fits), None)
     if chosen is None:
         best = min(plans, key=lambda p: p.device)
@@ -160,7 +158,7 @@ def choose(
             f"no memory mode fits {size[1]}x{size[0]}x{size[2]} frames in {budget.device / GIB:.1f} GiB of device and "
             f"{budget.host / GIB:.1f} GiB of host memory (smallest: {best.short()} needs {best.device / GIB:.1f} GiB "
             f"device, {best.host / GIB:.1f} GiB host); lower --max-height/--max-width/--max-num-frames, "
-            "use --weights-dtype fp8, or allow --memory-mode auto"
+            "use --weights-dtype fp8, or allow --memory-mode auto and --cfg-mode auto"
         )
     log.info(
         "memory plan: %s (%s weights, text encoder %s, offload source %s, CFG %s, %d block chunks): device peak "

@@ -59,3 +59,14 @@ def test_inspect_json_and_fits(a14b: Path, capsys) -> None:
 def test_bad_budget_names_the_flag(a14b: Path, capsys) -> None:
     assert main(["inspect", str(a14b), "--vram", "24XB"]) == 2
     assert "--vram '24XB'" in capsys.readouterr().err
+
+
+def test_inspect_accounts_for_cfg_mode_and_chunks(a14b: Path, capsys) -> None:
+    assert main(["inspect", str(a14b), "--json", "--cfg-mode", "sequential", "--block-chunks", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {(p["cfg_mode"], p["block_chunks"]) for p in out["plans"]} == {("sequential", 4)}
+    assert list(out["activation_bytes"]) == ["sequential/4"]
+    assert main(["inspect", str(a14b), "--json"]) == 0
+    activations = json.loads(capsys.readouterr().out)["activation_bytes"]
+    assert activations["batched/1"] > activations["batched/4"] > activations["sequential/1"]
+    assert activations["sequential/1"] > activations["sequential/4"]
