@@ -145,16 +145,26 @@ class JobService:
         return page[:limit], len(page) > limit
 
     def live(self, record: JobRecord) -> LiveState | None:
-        """The engine's view of a job that runs on this replica now (None elsewhere or once done)."""
+        """The engine's view of a job that runs on this replica now; for a job no replica has
+        claimed yet, its place in the store's queue (None elsewhere or once done)."""
         if record.done:
             return None
         state = self.engine.request_state(record.id)
         if state is None:
-            return None
+            return self._unclaimed(record) if record.status == QUEUED else None
         eta = state["eta_s"]
         return LiveState(
             JOB_STATUS[state["status"]], state["progress"], state["queue_position"], None if eta is None else eta
         )
+
+    def _unclaimed(self, record: JobRecord) -> LiveState | None:
+        """A job waiting in the store: the queued jobs created before it, plus those this replica
+        claimed that still wait for a worker (they run first; other replicas' engine queues are
+        not known here). No ETA: that needs a worker's cost model."""
+        position = self.store.queue_position(record.id)
+        if position is None:  # claimed or ended meanwhile
+            return None
+        return LiveState(QUEUED, record.progress, position + self.engine.waiting_count(), None)
 
     def cancel(self, job_id: str) -> JobRecord | None:
         record = self.store.request_cancel(job_id, expires_at=time.time() + self.config.video_ttl_s)

@@ -286,6 +286,19 @@ class RedisJobStore:
         with self._reachable():
             return int(self._redis.scard(self._keys[1]))
 
+    def queue_position(self, job_id: str) -> int | None:
+        # Two reads, not a script: a position is a hint that is stale a moment later anyway.
+        with self._reachable():
+            queued = self._redis.smembers(self._keys[1])
+            if job_id not in queued:
+                return None
+            ids = sorted(queued)
+            seqs = dict(zip(ids, self._redis.zmscore(self._keys[2], ids), strict=True))
+        mine = seqs[job_id]
+        if mine is None:  # deleted between the two reads
+            return None
+        return sum(1 for seq in seqs.values() if seq is not None and seq < mine)
+
     # ---- claims ---------------------------------------------------------------------------------
 
     def claim(self, replica: str, limit: int, idle_s: float) -> list[JobRecord]:

@@ -81,6 +81,12 @@ class SqliteJobStore:
     def count_queued(self) -> int:
         return self._read_one("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,))[0]
 
+    def queue_position(self, job_id: str) -> int | None:
+        mine = self._read_one("SELECT seq FROM jobs WHERE id = ? AND status = ?", (job_id, QUEUED))
+        if mine is None:
+            return None
+        return self._read_one("SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?", (QUEUED, mine[0]))[0]
+
     # ---- claims ---------------------------------------------------------------------------------
 
     def claim(self, replica: str, limit: int, idle_s: float) -> list[JobRecord]:

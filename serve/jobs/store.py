@@ -32,6 +32,10 @@ class JobStore(Protocol):
     def count_queued(self) -> int:
         """Jobs waiting for a replica (admission control)."""
 
+    def queue_position(self, job_id: str) -> int | None:
+        """How many queued jobs were created before this one (claims take them in that order);
+        None unless this one is queued."""
+
     def claim(self, replica: str, limit: int, idle_s: float) -> list[JobRecord]:
         """Up to `limit` jobs for `replica` to run: queued ones, and running ones whose owner has
         not refreshed its claim for `idle_s` (taken over). Each comes back `in_progress`, owned

@@ -104,6 +104,15 @@ def test_count_queued(store: JobStore) -> None:
     assert store.count_queued() == 1
 
 
+def test_queue_position_counts_the_queued_jobs_created_before(store: JobStore) -> None:
+    ids = create(store, 4)
+    assert [store.queue_position(i) for i in ids] == [0, 1, 2, 3]
+    store.claim("a", 1, 60)  # takes the oldest
+    store.request_cancel(ids[2])
+    assert [store.queue_position(i) for i in ids] == [None, 0, None, 1]
+    assert store.queue_position("video_nope") is None
+
+
 def test_claim_respects_limit_and_marks_the_owner(store: JobStore) -> None:
     ids = create(store, 5)
     assert store.claim("a", 0, 60) == []
