@@ -196,8 +196,9 @@ async function poll(id, generation) {
   if (UNFINISHED.has(job.status)) {
     const wait = Number(response.headers.get("openai-poll-after-ms")) || DEFAULT_POLL_MS;
     setTimeout(() => keepPolling(id, generation), wait);
-  } else if (job.status === "completed") {
-    await loadVideo(job.id, generation);
+  } else {
+    refreshList(); // the list shows it ended too
+    if (job.status === "completed") await loadVideo(job.id, generation);
   }
 }
 
