@@ -224,7 +224,14 @@ function renderJob(job) {
 }
 
 async function loadVideo(id, generation) {
-  const response = await call("GET", `/v1/videos/${encodeURIComponent(id)}/content`);
+  let response;
+  try {
+    response = await call("GET", `/v1/videos/${encodeURIComponent(id)}/content`);
+  } catch (error) {
+    // Also what a server with --presigned-urls gives: its redirect leads to another origin (CSP).
+    $("job-error").textContent = `The video could not be fetched here: ${error.message}`;
+    return;
+  }
   if (generation !== state.generation) return;
   if (!response.ok) {
     $("job-error").textContent = await problem(response);
