@@ -41,6 +41,7 @@ SAMPLES = {
     ("host",): "0.0.0.0",
     ("limits", "max_num_frames"): "81",
     ("workers", "device"): "cuda:1",
+    ("workers", "parallel"): "auto",
     ("quant", "policy"): "high=w8a8-int8,low=none",
     ("quant", "skip"): "attn1",
     ("vae", "tile_sample_size"): "256",

@@ -29,6 +29,7 @@ from serve.engine.request import GenerationParams
 from serve.engine.scheduler import Scheduler
 from serve.jobs.artifacts import ArtifactStore, ArtifactTarget
 from serve.worker.factory import DEFAULT_RUNNER_FACTORY, RunnerConfig, WorkerArgs
+from serve.worker.group_args import logical_workers
 
 __all__ = [
     "DuplicateRequest",
@@ -112,6 +113,7 @@ class EngineClient:
             )
             for device in devices
         ]
+        workers, groups = logical_workers(workers, config.workers)  # a group of ranks is one worker
         spec = resolve(config.model_dir).spec  # torch-free: the model's token count for the cost model
         scheduler = Scheduler(
             config.scheduler,
@@ -120,7 +122,7 @@ class EngineClient:
             model=Path(config.model_dir).name,
             quantization=quant_key(options),
         )
-        executor = Executor(workers, config.workers.start_timeout_s)
+        executor = Executor(workers, config.workers.start_timeout_s, groups)
         self.stores = self.outputs.open()
         self.core = EngineCore(executor, scheduler, self.stores, config.scheduler.request_timeout_s)
 

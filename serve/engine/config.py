@@ -28,6 +28,11 @@ class WorkersConfig(FrozenConfig):
     float32 on the CPU (filled in when the config is built, so it is never None after)."""
     start_timeout_s: float = Field(600.0, gt=0, json_schema_extra=flag("--worker-start-timeout-s"))
     """How long a worker may take to load the model before startup fails."""
+    parallel: str = Field("none", json_schema_extra=flag("--parallel", metavar="ulysses=U,cfg=C|auto|none"))
+    """Run each request on a group of U x C devices (`--parallel ulysses=2,cfg=2`): Ulysses splits the
+    sequence U ways, CFG-parallel runs the conditional and unconditional rows on two halves. The worker
+    processes are split into groups of that size, one logical worker each; `auto`: one group of every
+    worker, with cfg=2 when their number is even; `none`: one process per worker."""
 
     @model_validator(mode="before")
     @classmethod
@@ -44,9 +49,55 @@ class WorkersConfig(FrozenConfig):
             raise ValueError(f"device {value!r} is not a torch device; use cpu, cuda or cuda:N")
         return value
 
+    @field_validator("parallel")
+    @classmethod
+    def _parallel_degrees(cls, value: str) -> str:
+        if value in ("none", "auto"):
+            return value
+        ulysses, cfg = parse_parallel(value)
+        return f"ulysses={ulysses},cfg={cfg}"
+
     def worker_devices(self) -> list[str]:
         """The device of each worker process."""
         return list(self.devices) or [self.device] * self.count
+
+    def degrees(self) -> tuple[int, int]:
+        """(ulysses, cfg) of every worker group; (1, 1): no groups."""
+        if self.parallel == "none":
+            return 1, 1
+        if self.parallel == "auto":
+            n = len(self.worker_devices())
+            return (n // 2, 2) if n % 2 == 0 else (n, 1)
+        return parse_parallel(self.parallel)
+
+    def worker_groups(self) -> list[tuple[str, ...]]:
+        """The devices of each logical worker: consecutive runs of ulysses x cfg devices."""
+        devices, (ulysses, cfg) = self.worker_devices(), self.degrees()
+        size = ulysses * cfg
+        if len(devices) % size:
+            raise ValueError(
+                f"--parallel {self.parallel} makes groups of {size} devices, which {len(devices)} workers "
+                f"({','.join(devices)}) do not divide into; give a multiple of {size} devices or workers"
+            )
+        return [tuple(devices[i : i + size]) for i in range(0, len(devices), size)]
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> WorkersConfig:
+        self.worker_groups()
+        return self
+
+
+def parse_parallel(text: str) -> tuple[int, int]:
+    """`ulysses=U,cfg=C` (either may be left out: 1) -> (U, C)."""
+    degrees = {"ulysses": 1, "cfg": 1}
+    for part in text.split(","):
+        name, _, number = part.strip().partition("=")
+        if name not in degrees or not number.isdigit() or int(number) < 1:
+            raise ValueError(f"--parallel {text!r}: write ulysses=U,cfg=C (U, C >= 1), auto or none")
+        degrees[name] = int(number)
+    if degrees["cfg"] > 2:
+        raise ValueError(f"--parallel {text!r}: cfg is 1 or 2 (the conditional and unconditional halves)")
+    return degrees["ulysses"], degrees["cfg"]
 
 
 class SchedulerConfig(FrozenConfig):

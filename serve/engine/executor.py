@@ -1,5 +1,9 @@
 """Worker processes, one per device: start them, send them units, collect reports, restart the dead.
 
+A worker may be a group of ranks (one process per device, serve/worker/group_worker.py): the
+engine talks to rank 0 alone, and every rank's process is watched, so the death of any rank is the
+death of the worker, and a restart restarts the whole group.
+
 Only the EngineCore thread calls into an executor (start/stop excepted), so it needs no locks;
 `any_ready` and `unready` only read, and are safe from any thread.
 
@@ -15,13 +19,15 @@ import itertools
 import logging
 import multiprocessing as mp
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
 from serve.engine.messages import Free, LoadFailed, Ready, Shutdown, UnitReport, unit_message
 from serve.engine.request import GenerationParams
 from serve.engine.scheduler import UnitResult, WorkerDied, WorkUnit
 from serve.worker.factory import WorkerArgs
+from serve.worker.group_args import GroupArgs, fresh_address
+from serve.worker.group_worker import group_worker_main
 from serve.worker.worker import worker_main
 
 log = logging.getLogger(__name__)
@@ -55,19 +61,35 @@ class WorkerHandle:
     info: Ready | None = None
     loading_since: float | None = None  # monotonic time its (re)start was spawned, until it is Ready
     error: str | None = None  # why its last restart failed
+    group: GroupArgs | None = None  # a group of ranks: `proc` is rank 0, `peers` the others
+    peers: list[mp.process.BaseProcess] = field(default_factory=list)
 
     @property
     def where(self) -> str:
+        if self.group is not None:
+            return f"worker group {self.index} ({','.join(self.group.devices)})"
         return f"worker {self.index} ({self.args.device})"
 
+    def processes(self) -> list[mp.process.BaseProcess]:
+        return [p for p in (self.proc, *self.peers) if p is not None]
+
     def alive(self) -> bool:
-        proc = self.proc
-        return self.ready and proc is not None and not wait([proc.sentinel], timeout=0)
+        procs = self.processes()
+        return self.ready and self.proc is not None and not wait([p.sentinel for p in procs], timeout=0)
 
 
 class Executor:
-    def __init__(self, worker_args: list[WorkerArgs], start_timeout_s: float = 600.0) -> None:
-        self.workers = [WorkerHandle(i, args) for i, args in enumerate(worker_args)]
+    def __init__(
+        self,
+        worker_args: list[WorkerArgs],
+        start_timeout_s: float = 600.0,
+        groups: list[GroupArgs | None] | None = None,
+    ) -> None:
+        """`groups[i]`: worker i is that group of ranks (None, or no `groups`: one process)."""
+        groups = groups or [None] * len(worker_args)
+        self.workers = [
+            WorkerHandle(i, args, group=g) for i, (args, g) in enumerate(zip(worker_args, groups, strict=True))
+        ]
         self.start_timeout_s = start_timeout_s
         self._unit_ids = itertools.count(1)
 
@@ -87,11 +109,32 @@ class Executor:
     def _spawn(self, w: WorkerHandle) -> None:
         w.ready, w.unit, w.unit_id = False, None, None
         parent, child = _MP.Pipe()
-        w.proc = _MP.Process(target=worker_main, args=(child, w.args), name=f"reelserve-worker-{w.index}", daemon=True)
-        w.proc.start()
+        if w.group is None:
+            w.proc = _MP.Process(
+                target=worker_main, args=(child, w.args), name=f"reelserve-worker-{w.index}", daemon=True
+            )
+        else:
+            w.proc, w.peers = self._spawn_group(w, child)
+        for proc in w.processes():
+            proc.start()
         child.close()  # keep only the worker's copy, so its death shows here as EOF
         w.conn = parent
         w.loading_since = time.monotonic()
+
+    @staticmethod
+    def _spawn_group(w: WorkerHandle, child: Connection) -> tuple[mp.process.BaseProcess, list[mp.process.BaseProcess]]:
+        """Rank 0 (with the pipe) and its peers (without), meeting at a fresh address."""
+        address = fresh_address()
+        procs = [
+            _MP.Process(
+                target=group_worker_main,
+                args=(child if rank == 0 else None, w.args, w.group.for_rank(rank, address)),
+                name=f"reelserve-worker-{w.index}-rank-{rank}",
+                daemon=True,
+            )
+            for rank in range(w.group.world_size)
+        ]
+        return procs[0], procs[1:]
 
     def _await_ready(self, w: WorkerHandle) -> None:
         """Block until `w` has loaded (at start, before the engine loop runs)."""
@@ -112,6 +155,7 @@ class Executor:
             message = w.conn.recv()
         except (EOFError, OSError):
             w.proc.join(5)
+            self._kill(w)
             raise WorkerStartError(f"{w.where} exited (code {w.proc.exitcode}) while loading; see its log") from None
         if not isinstance(message, Ready):
             self._kill(w)
@@ -156,15 +200,18 @@ class Executor:
             if w.proc is not None:
                 # A unit still in flight was already failed by the caller; waiting would only let
                 # the worker block on sending an MP4 that nobody reads. One still loading has
-                # nothing to finish.
-                w.proc.join(0 if w.unit or w.loading_since is not None else timeout)
+                # nothing to finish. A group's peers stop with rank 0 (it broadcasts the Shutdown).
+                for proc in w.processes():
+                    proc.join(0 if w.unit or w.loading_since is not None else timeout)
                 self._kill(w)
                 w.loading_since = None
 
     def _kill(self, w: WorkerHandle) -> None:
-        if w.proc.is_alive():
-            w.proc.kill()
-        w.proc.join()
+        for proc in w.processes():
+            if proc.is_alive():
+                proc.kill()
+        for proc in w.processes():
+            proc.join()
         w.conn.close()
 
     # ---- work -----------------------------------------------------------------------------------
@@ -223,7 +270,7 @@ class Executor:
         """Wait up to `timeout` for any worker to report; return finished units and deaths."""
         live = [w for w in self.workers if w.ready]
         loading = [w.conn for w in self.workers if w.loading_since is not None]  # wake up for their Ready
-        wait([x for w in live for x in (w.conn, w.proc.sentinel)] + loading, timeout)
+        wait([x for w in live for x in (w.conn, *(p.sentinel for p in w.processes()))] + loading, timeout)
         events: list[UnitOutcome | WorkerDied] = []
         for w in live:
             events += self._drain(w)
@@ -249,7 +296,20 @@ class Executor:
 
     def _died(self, w: WorkerHandle) -> WorkerDied:
         w.ready, w.unit, w.unit_id = False, None, None
-        w.proc.join()
-        reason = f"worker process died (worker {w.index}, exit code {w.proc.exitcode}) while holding this request"
+        if w.group is None:
+            w.proc.join()
+            reason = f"worker process died (worker {w.index}, exit code {w.proc.exitcode}) while holding this request"
+        else:
+            reason = self._group_death(w)
         log.error("%s; restarting it", reason)
         return WorkerDied(w.index, reason)
+
+    @staticmethod
+    def _group_death(w: WorkerHandle) -> str:
+        """Which rank died first (by its exit code: the others are alive, or died of its death)."""
+        dead = [(rank, p) for rank, p in enumerate(w.processes()) if not p.is_alive()]
+        rank, proc = dead[0]
+        return (
+            f"worker process died (worker group {w.index}: rank {rank} on {w.group.devices[rank]}, "
+            f"exit code {proc.exitcode}; the group restarts as a whole) while holding this request"
+        )

@@ -1,0 +1,116 @@
+"""A worker group's ranks: the same `Worker` verbs, run by every rank of the group in lockstep.
+
+Rank 0 holds the engine's pipe: it receives each message and broadcasts it; every rank runs it (the
+forward passes inside are split across the group: serve/worker/group.py); rank 0 alone reports and
+writes the videos. The other ranks have no pipe at all: the engine sees one worker per group, and
+the executor watches every rank's process, so a rank's death takes the whole group down and back up.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from serve.engine.messages import DecodeUnit, Free, LoadFailed, Ready, Shutdown, UnitReport
+from serve.worker.factory import WorkerArgs
+from serve.worker.group_args import GroupArgs
+from serve.worker.worker import Worker, _reason, import_object
+
+log = logging.getLogger(__name__)
+
+
+class GroupWorker(Worker):
+    def __init__(self, conn: Connection | None, args: WorkerArgs, group: GroupArgs) -> None:
+        super().__init__(conn, args)  # type: ignore[arg-type]  # ranks other than 0 have no pipe
+        self.group = group
+        self.control: Any = None  # the gloo process group that carries messages
+
+    def load(self) -> bool:
+        """Every rank loads the model and splits its experts; the group calibrates only when all
+        ranks loaded (calibration steps are collectives); rank 0 reports Ready, or the first error."""
+        from serve.worker import group as torch_group
+
+        try:
+            self.control = torch_group.join(self.group)
+        except Exception as e:  # no group to tell: rank 0 reports, the others just exit
+            return self._failed(f"rank {self.group.rank} could not join its group: {_reason(e)}")
+        error = self._build()
+        errors = [e for e in torch_group.gather(error, self.control) if e is not None]
+        if errors:
+            return self._failed(errors[0])
+        try:
+            samples = self.runner.calibrate() if self.args.calibrate else []
+        except Exception as e:
+            log.error("calibration failed:\n%s", traceback.format_exc())
+            return self._failed(f"rank {self.group.rank}: {_reason(e)}")
+        if self.group.leader:
+            self.conn.send(Ready(self.args.device, self.args.dtype, tuple(tuple(s) for s in samples)))
+        return True
+
+    def _build(self) -> str | None:
+        """Load this rank's runner on its device and split its forwards; why not, if it failed."""
+        from serve.worker import group as torch_group
+
+        try:
+            factory = import_object(self.args.runner_factory)
+            self.runner = factory(self.args.model_dir, self.group.device, self.args.dtype, self.args.options)
+            torch_group.parallelize(self.runner, self.group)
+        except Exception as e:
+            log.error("rank %d failed to load the model:\n%s", self.group.rank, traceback.format_exc())
+            return f"rank {self.group.rank} ({self.group.device}): {_reason(e)}"
+        return None
+
+    def _failed(self, reason: str) -> bool:
+        if self.group.leader:
+            self.conn.send(LoadFailed(reason))
+        return False
+
+    def receive(self) -> Any:
+        """The next message, on every rank: rank 0 reads the pipe and broadcasts it."""
+        from serve.worker import group as torch_group
+
+        message = None
+        if self.group.leader:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):  # the engine is gone: the peers must stop too
+                message = Shutdown()
+        return torch_group.broadcast(message, self.control)
+
+    def decode(self, unit: DecodeUnit) -> UnitReport:
+        """Rank 0 decodes and stores the videos; the others only let the requests go."""
+        if self.group.leader:
+            return super().decode(unit)
+        self.free(unit.request_ids)
+        return UnitReport(unit.unit_id)
+
+    def serve(self) -> None:
+        while self.running:
+            message = self.receive()
+            if isinstance(message, Free):
+                self.free(message.request_ids)
+            elif isinstance(message, Shutdown):
+                self.running = False
+            else:
+                report = self.run_unit(message)
+                if self.group.leader:
+                    self.conn.send(report)
+
+
+def group_worker_main(conn: Connection | None, args: WorkerArgs, group: GroupArgs) -> None:
+    """Entry point of one rank's spawned process."""
+    from serve.worker import group as torch_group
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {group.rank} %(levelname)s %(message)s")
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    worker = GroupWorker(conn, args, group)
+    if worker.load():
+        worker.serve()
+    torch_group.leave()
+    if conn is not None:
+        conn.close()

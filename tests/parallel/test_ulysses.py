@@ -1,0 +1,59 @@
+"""A worker group of 2 ranks (Ulysses 2, gloo) against the same requests in one process.
+
+Tolerances: one request alone gives the single-process frames bit for bit (Ulysses slices the
+sequence and all-to-alls whole heads: every attention row sees the same keys in the same order;
+measured max |diff| 0.0 on float frames), also at a length that does not divide by 2. A request
+batched with another at a different step may differ by one 8-bit level from its run alone, as in
+one process (tests/engine/test_batching_equivalence.py: batched BLAS blocking, ~1e-6 on floats).
+"""
+
+import numpy as np
+import pytest
+
+from serve.pipeline.mp4 import decode_mp4
+from serve.worker.model_runner import ModelRunner
+from tests.engine.test_core import wait_until
+from tests.parallel.conftest import TIMEOUT_S, group_core, request
+
+
+@pytest.fixture(scope="module")
+def core(tiny_model_dir):
+    engine = group_core(str(tiny_model_dir), [(2, 1)], max_batch_size=4, expert_policy="fcfs")
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_model_dir):
+    """uint8 frames of a request run alone in this process (one rank, no group)."""
+    runner = ModelRunner.from_checkpoint(tiny_model_dir)
+    return lambda params: runner.generate(params).frames
+
+
+def frames(future) -> np.ndarray:
+    return decode_mp4(future.result(TIMEOUT_S).mp4)[0]
+
+
+def test_one_request_is_bit_identical_to_one_process(core, alone):
+    p = request(seed=3)
+    np.testing.assert_array_equal(frames(core.add_request(p)[1]), alone(p))
+
+
+def test_a_sequence_that_does_not_divide_is_bit_identical(core, alone):
+    p = request(seed=4, height=48, width=48)  # 3 latent frames x 3 x 3 patches: 27 tokens, odd
+    assert (9 + 3) // 4 * (48 // 16) ** 2 % 2 == 1
+    np.testing.assert_array_equal(frames(core.add_request(p)[1]), alone(p))
+
+
+def test_a_batch_at_different_steps_matches_each_alone(core, alone):
+    # 10 steps: the first 3 or 4 run on the high-noise expert, where the second joins the first.
+    first, second = request(seed=5, steps=10), request(seed=6, steps=10, prompt="a blue dog")
+    first_id, first_future = core.add_request(first)
+    wait_until(lambda: (core.request_state(first_id) or {}).get("step", 0) >= 1, TIMEOUT_S)
+    _, second_future = core.add_request(second)
+    results = {"first": first_future.result(TIMEOUT_S), "second": second_future.result(TIMEOUT_S)}
+    assert ("denoise", 0, 2) in results["second"].trace  # the two did share steps
+    for name, p in (("first", first), ("second", second)):
+        diff = np.abs(decode_mp4(results[name].mp4)[0].astype(int) - alone(p).astype(int))
+        assert diff.max() <= 1, name
