@@ -52,11 +52,12 @@ def test_every_route_but_the_probes_needs_a_key(server):
             assert generate.headers["www-authenticate"].startswith("Bearer")
             videos = http.get("/v1/videos", headers=as_(key))
             assert videos.status_code == 401 and videos.json()["error"]["code"] == "invalid_api_key"
-            for path in ("/metrics", "/docs", "/openapi.json"):
+            for path in ("/metrics", "/docs", "/openapi.json", "/v1/models"):
                 assert http.get(path, headers=as_(key)).status_code == 401, path
         assert http.get("/health").status_code == 200 and http.get("/ready").status_code == 200
         assert http.post("/generate", json={"prompt": "a cat", **SIZE}, headers=as_(ALICE)).status_code == 200
         assert http.get("/metrics", headers=as_(BOB)).status_code == 200
+        assert http.get("/v1/models", headers=as_(BOB)).json()["data"][0]["object"] == "model"
 
 
 def test_a_caller_sees_and_deletes_only_its_own_jobs(server):
