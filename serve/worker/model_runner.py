@@ -50,6 +50,7 @@ class RequestState:
     step: int = 0
     step_cache: StepCache | None = None  # this request's first-block cache (off unless configured)
     conditioning: Any = None  # whatever the variant's `prepare` keeps besides the prompt (image latents)
+    experts: tuple[int, ...] = ()  # the expert of each step, worked out once at start (`experts_of`)
 
 
 class ModelStages(Protocol):
@@ -136,11 +137,17 @@ class ModelRunner:
             self.model.prepare(state)
             if self.step_cache_threshold is not None:
                 state.step_cache = StepCache(self.step_cache_threshold)
+            state.experts = self._experts(state)
             states.append(state)
         return states
 
     def experts_of(self, state: RequestState) -> tuple[int, ...]:
         """Which expert runs each step: the scheduler groups batches by it."""
+        return state.experts or self._experts(state)
+
+    def _experts(self, state: RequestState) -> tuple[int, ...]:
+        """Worked out from the sampler's timesteps (a tensor element read per step: done once per
+        request, not every step for every request of the batch)."""
         split = get_preset(state.params.preset).boundary_step_index if state.params.preset else None
         if split is not None and len(self.denoise.experts) > 1:
             return tuple(0 if i < split else 1 for i in range(len(state.sampler.timesteps)))
