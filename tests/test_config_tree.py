@@ -39,6 +39,7 @@ GENERATE_FLAGS_BEFORE = """
 # Values for fields whose type alone does not give a valid non-default one.
 SAMPLES = {
     ("host",): "0.0.0.0",
+    ("served_model_name",): "wan2.2-t2v",
     ("limits", "max_num_frames"): "81",
     ("workers", "device"): "cuda:1",
     ("workers", "parallel"): "auto",
