@@ -6,9 +6,11 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import uvicorn
 
+from models.registry import resolve
 from serve.api.access import with_header_timeout
 from serve.api.app import create_app
 from serve.api.jobs import JobService, open_job_service
@@ -17,6 +19,7 @@ from serve.engine.client import EngineClient
 from serve.engine.executor import WorkerStartError
 from serve.jobs.artifacts import ArtifactStoreError
 from serve.jobs.store import StoreUnavailable
+from serve.logs import configure_logging, startup_summary
 
 log = logging.getLogger(__name__)
 DRAIN_POLL_S = 0.1
@@ -35,10 +38,25 @@ class DrainingServer(uvicorn.Server):
     shuts down as usual. A second signal (or SIGINT) stops at once; what still runs then goes back
     to the job store, queued, either way."""
 
-    def __init__(self, config: uvicorn.Config, jobs: JobService, engine: EngineClient, timeout_s: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        jobs: JobService,
+        engine: EngineClient,
+        timeout_s: float,
+        summary: Callable[[str], str] | None = None,
+    ) -> None:
         super().__init__(config)
         self.jobs, self.engine, self.timeout_s = jobs, engine, timeout_s
+        self.summary = summary
         self._draining: threading.Thread | None = None
+
+    async def startup(self, sockets=None) -> None:
+        """Once the port is bound (the model loaded before), say what is served and where."""
+        await super().startup(sockets)
+        if self.started and self.summary is not None:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            log.info(self.summary(f"http://{f'[{host}]' if ':' in host else host}:{port}"))
 
     def handle_exit(self, sig: int, frame) -> None:
         if sig == signal.SIGTERM and self._draining is not None:  # a second SIGTERM: stop now
@@ -75,6 +93,7 @@ def run_server(config: ServerConfig, client: EngineClient | None = None) -> None
     """Serve until SIGINT/SIGTERM. One uvicorn process: the engine and its worker live in it, so
     several uvicorn workers would load the model several times. `client`: an engine with another
     runner (tests)."""
+    configure_logging(config.log_format, config.log_level)  # first: the engine's INFO events are wanted too
     client = client or EngineClient(config)
     try:
         # The stores first (seconds), then the model (minutes): a server that cannot keep jobs
@@ -95,7 +114,8 @@ def run_server(config: ServerConfig, client: EngineClient | None = None) -> None
             app,
             host=config.host,
             port=config.port,
-            log_level="info",
+            log_level=config.log_level,
+            log_config=None,  # uvicorn's loggers go through the root logger configure_logging set up
             http=with_header_timeout(config.access.header_timeout_s),
             timeout_keep_alive=config.access.keep_alive_timeout_s,
             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
@@ -103,5 +123,39 @@ def run_server(config: ServerConfig, client: EngineClient | None = None) -> None
         jobs,
         client,
         config.shutdown_timeout_s,
+        summary=lambda url: ready_summary(config, client, url),
     )
     server.run()
+
+
+def ready_summary(config: ServerConfig, client: EngineClient, url: str) -> str:
+    """What an operator checks first: which model, on which devices with which memory plan, within
+    which limits, and where."""
+    entry = resolve(config.model_dir)
+    limits, scheduler = config.limits, config.scheduler
+    workers = [f"{w.index}: {w.info.device} {w.info.dtype}, memory {w.info.memory_plan}" for w in ready_workers(client)]
+    return startup_summary(
+        [
+            ("model", f"{config.model_names[0]} ({entry.family} {entry.variant}, {config.model_dir})"),
+            ("workers", "; ".join(workers)),
+            ("quantization", config.quant.policy or _stored_weights(config.memory.weights_dtype)),
+            (
+                "limits",
+                f"{limits.max_width}x{limits.max_height} px, {limits.max_num_frames} frames, "
+                f"{limits.max_num_inference_steps} steps, queue {scheduler.max_queue}, "
+                f"batch {scheduler.max_batch_size}",
+            ),
+            ("api keys", "on" if config.access.keys() else "off (open)"),
+            ("url", url),
+        ]
+    )
+
+
+def ready_workers(client: EngineClient) -> list:
+    """The workers that reported Ready (all of them once `start()` returned)."""
+    return [w for w in client.core.executor.workers if w.info is not None]
+
+
+def _stored_weights(weights_dtype: str) -> str:
+    # `bf16` is the default "store as loaded" (the worker's --dtype), not a quantization.
+    return "none" if weights_dtype == "bf16" else f"weights stored in {weights_dtype}"

@@ -110,6 +110,8 @@ class EngineClient:
                 options=options,
                 torch_threads=threads,
                 outputs=tuple(self.outputs.targets.items()),
+                log_format=config.log_format,
+                log_level=config.log_level,
             )
             for device in devices
         ]
@@ -124,7 +126,9 @@ class EngineClient:
         )
         executor = Executor(workers, config.workers.start_timeout_s, groups)
         self.stores = self.outputs.open()
-        self.core = EngineCore(executor, scheduler, self.stores, config.scheduler.request_timeout_s)
+        self.core = EngineCore(
+            executor, scheduler, self.stores, config.scheduler.request_timeout_s, model_name=config.model_names[0]
+        )
 
     def start(self) -> None:
         self.core.start()

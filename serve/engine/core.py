@@ -19,6 +19,7 @@ from serve.engine.metrics import EngineMetrics
 from serve.engine.request import GenerationParams, Request, RequestStatus
 from serve.engine.scheduler import QueueFullError, Scheduler, WorkerDied, WorkUnit
 from serve.jobs.artifacts import ArtifactStore
+from serve.logs import about
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +83,16 @@ class EngineCore:
         scheduler: Scheduler,
         outputs: dict[str, ArtifactStore],
         request_timeout_s: float = 3600.0,
+        model_name: str = "",
     ) -> None:
         """`outputs`: the artifact stores the workers write MP4s to (the same names as their
-        `WorkerArgs.outputs`), opened here to hand results back."""
+        `WorkerArgs.outputs`), opened here to hand results back; `model_name`: the served model's
+        name, the metrics' `model_name` label."""
         self.executor = executor
         self.scheduler = scheduler
         self.outputs = outputs
         self.request_timeout_s = request_timeout_s
-        self.metrics = EngineMetrics()
+        self.metrics = EngineMetrics(model_name)
         self._lock = threading.Lock()  # guards scheduler and _futures against the API thread
         self._futures: dict[str, Future[GenerationResult]] = {}
         self._encode_started: dict[str, float] = {}
@@ -152,6 +155,7 @@ class EngineCore:
             except QueueFullError as e:
                 raise QueueFull(e.max_queue, self._retry_after_s()) from None
             self._futures[request.request_id] = future
+        log.info("queued: %s", _shape(params), extra=about(request.request_id))
         # A client that went away cancels its future: drop its request at the next step boundary.
         future.add_done_callback(lambda f: f.cancelled() and self.abort(request.request_id))
         return request.request_id, future
@@ -215,8 +219,8 @@ class EngineCore:
     def render_metrics(self) -> bytes:
         with self._lock:
             counts = self.scheduler.counts()
-        self.metrics.queue_depth.set(counts["waiting"])
-        self.metrics.running.set(counts["running"])
+        self.metrics.num_requests_waiting.set(counts["waiting"])
+        self.metrics.num_requests_running.set(counts["running"])
         return self.metrics.render()
 
     # ---- the loop (engine thread) ---------------------------------------------------------------
@@ -269,8 +273,9 @@ class EngineCore:
         if unit.kind == "encode":
             for rid in unit.request_ids:
                 self._encode_started[rid] = now
+            log.info("started on worker %d", unit.worker, extra=about(*unit.request_ids))
         elif unit.kind == "denoise":
-            self.metrics.batch_size.observe(len(unit.request_ids))
+            self.metrics.denoising_batch_size.observe(len(unit.request_ids))
 
     def _update(self, events: list[UnitOutcome | WorkerDied]) -> None:
         results = []
@@ -281,9 +286,9 @@ class EngineCore:
                 continue
             results.append(event.result)
             if event.result.unit.kind == "denoise":
-                self.metrics.step_seconds.observe(event.result.elapsed_s)
+                self.metrics.denoising_step_time.observe(event.result.elapsed_s)
             for outcome, count in event.report.counters.items():
-                self.metrics.step_cache_steps.labels(outcome).inc(count)
+                self.metrics.step_cache_steps(outcome, count)
             for rid, key in event.report.outputs.items():
                 self._artifacts[rid] = (key, event.report.mp4_s)
         with self._lock:
@@ -316,18 +321,29 @@ class EngineCore:
                 future = self._futures.pop(r.request_id, None)
             started = self._encode_started.pop(r.request_id, r.arrival_time)
             key, mp4_s = self._artifacts.pop(r.request_id, (None, 0.0))
-            self.metrics.requests.labels(r.status.name.lower()).inc()
+            self.metrics.request_ended(r.status.name.lower())
             if r.status == RequestStatus.FINISHED and key is not None:
                 timings = {"queue": started - r.arrival_time, **r.timings, "mp4": mp4_s}
-                for stage, seconds in timings.items():
-                    self.metrics.stage_seconds.labels(stage).observe(seconds)
+                self._observe_finished(r, timings)
                 store = self.outputs[r.output]
                 result = GenerationResult(r.request_id, key, store, timings, tuple(r.trace))
                 if not _settle(future, result=result):
                     store.delete(key)  # its client is gone (a disconnect): nobody will read it
             else:
                 cancelled = r.status == RequestStatus.CANCELLED
+                level = logging.INFO if cancelled else logging.WARNING
+                log.log(level, "%s: %s", r.status.name.lower(), r.error or "failed", extra=about(r.request_id))
                 _settle(future, error=GenerationFailed(r.request_id, r.error or "failed", cancelled))
+
+    def _observe_finished(self, r: Request, timings: dict[str, float]) -> None:
+        e2e = time.monotonic() - r.arrival_time
+        self.metrics.e2e_request_latency.observe(e2e)
+        self.metrics.request_queue_time.observe(timings["queue"])
+        self.metrics.request_inference_time.observe(e2e - timings["queue"])
+        for stage, seconds in timings.items():
+            self.metrics.stage_time(stage, seconds)
+        stages = ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in timings.items())
+        log.info("finished in %.2f s (%s)", e2e, stages, extra=about(r.request_id))
 
     def _fail_all(self, reason: str, unavailable: bool = False) -> None:
         with self._lock:
@@ -341,6 +357,10 @@ class EngineCore:
         """When a queue slot should free: the least-loaded worker's predicted remaining work."""
         loads = [self.scheduler.worker_load_s(w) for w in range(self.scheduler.num_workers)]
         return max(1, math.ceil(min(loads)))
+
+
+def _shape(p: GenerationParams) -> str:
+    return f"{p.width}x{p.height}, {p.num_frames} frames, {p.num_inference_steps} steps"
 
 
 def _settle(future: Future | None, result: GenerationResult | None = None, error: Exception | None = None) -> bool:

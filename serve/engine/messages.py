@@ -66,6 +66,8 @@ class Ready:
     dtype: str
     cost_samples: tuple[tuple[int, int, float], ...] = ()
     """(tokens, rows, seconds) of timed warmup steps, for the scheduler's cost model."""
+    memory_plan: str = "resident"
+    """Where the weights live, as the planner chose or `--memory-mode` forced (the startup summary)."""
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,9 @@ class WorkerArgs:
     outputs: tuple[tuple[str, ArtifactTarget], ...] = ()
     """The artifact stores finished MP4s are written to, by name (`EncodeUnit.outputs` picks one
     per request): the engine's `scratch` for `POST /generate`, `artifacts` for jobs."""
+    log_format: str = "text"
+    """`--log-format` of the server: its workers log the same way, to the same stderr."""
+    log_level: str = "info"
 
 
 def load_model_runner(model_dir: str, device: str, dtype: str, options: RunnerConfig = RunnerConfig()) -> Any:

@@ -39,6 +39,7 @@ from serve.engine.request import GenerationParams
 from serve.jobs.artifacts import STORAGE_FAILED, ArtifactStore, cause_of
 from serve.jobs.records import video_key
 from serve.loader.errors import CheckpointError
+from serve.logs import about, configure_logging
 from serve.pipeline.mp4 import stream_chunks_to_mp4s
 from serve.worker.factory import WorkerArgs
 from serve.worker.runner import Runner
@@ -149,7 +150,8 @@ class Worker:
                 log.error("worker failed to load the model:\n%s", traceback.format_exc())
             self.conn.send(LoadFailed(_reason(e)))
             return False
-        self.conn.send(Ready(self.args.device, self.args.dtype, tuple(tuple(s) for s in samples)))
+        samples = tuple(tuple(s) for s in samples)
+        self.conn.send(Ready(self.args.device, self.args.dtype, samples, memory_plan(self.runner)))
         return True
 
     # ---- units ----------------------------------------------------------------------------------
@@ -209,6 +211,7 @@ class Worker:
         for rid, error in stored.items():
             if error is None:
                 outputs[rid] = video_key(rid)
+                log.info("video stored in %s", self.outputs[rid], extra=about(rid))
             else:
                 failed[rid] = f"{STORAGE_FAILED}: {error}"
         self.free(tuple(ids))
@@ -248,7 +251,8 @@ class Worker:
             run(ids)
             return {}
         except Exception as e:
-            log.error("%s of %d request(s) failed:\n%s", run.__name__, len(ids), traceback.format_exc())
+            trace = traceback.format_exc()
+            log.error("%s of %d request(s) failed:\n%s", run.__name__, len(ids), trace, extra=about(*ids))
             oom, why = _is_oom(e), reason(e)
         # Out here the exception and its traceback are gone, and with them the frames that held the
         # failed try's tensors: the retry gets that memory back.
@@ -294,9 +298,22 @@ class Worker:
                 self.conn.send(self.run_unit(message))
 
 
+def memory_plan(runner: Any) -> str:
+    """The runner's residency as one phrase; runners without one (test fakes, CPU) keep all resident."""
+    residency = getattr(runner, "residency", None)
+    if residency is None:
+        return "resident"
+    parts = [residency.mode, f"text encoder {residency.text_encoder}"]
+    if residency.mode == "block-offload":
+        parts.append(f"prefetch {residency.prefetch_blocks} blocks")
+    if residency.mode == "expert-swap":
+        parts.append(f"idle expert from {residency.offload_source}")
+    return ", ".join(parts)
+
+
 def worker_main(conn: Connection, args: WorkerArgs) -> None:
     """Entry point of the spawned process."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    configure_logging(args.log_format, args.log_level)  # a spawned process starts with logging unconfigured
     if args.torch_threads:
         import torch
 

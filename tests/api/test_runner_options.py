@@ -119,6 +119,6 @@ def test_step_cache_steps_are_counted_in_metrics(configured_server):
     served_frames(configured_server)  # 4 steps, threshold 0: every step computed, none skipped
     with configured_server.client() as http:
         text = http.get("/metrics").text
-    computed = re.search(r'^reelserve_step_cache_steps_total\{outcome="computed"\} (\S+)$', text, re.MULTILINE)
-    skipped = re.search(r'^reelserve_step_cache_steps_total\{outcome="skipped"\} (\S+)$', text, re.MULTILINE)
+    computed = re.search(r'^reelserve:step_cache_steps_total\{.*outcome="computed"\} (\S+)$', text, re.MULTILINE)
+    skipped = re.search(r'^reelserve:step_cache_steps_total\{.*outcome="skipped"\} (\S+)$', text, re.MULTILINE)
     assert float(computed[1]) >= 4 and float(skipped[1]) == 0

@@ -25,10 +25,13 @@ def wait_for(client: openai.OpenAI, video_id: str, statuses=("completed", "faile
     return video
 
 
-def metric(server, name: str, labels: str = "") -> float:
+def metric(server, name: str, label: str = "") -> float:
+    """The value of the series `name` (the one with `label`, e.g. `finished_reason="cancelled"`)."""
     text = httpx.get(f"{server.url}/metrics").text
-    match = re.search(rf"^{name}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
-    return float(match[1]) if match else 0.0
+    for match in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.MULTILINE):
+        if not label or label in match[1].split(","):
+            return float(match[2])
+    return 0.0
 
 
 def test_openai_client_creates_polls_and_downloads_a_video(real_server):
@@ -65,7 +68,7 @@ def wait_for_metric(server, name: str, labels: str, at_least: float) -> None:
 
 def test_delete_cancels_a_running_job_and_removes_it(slow_server):
     client = client_for(slow_server)
-    before = metric(slow_server, "reelserve_requests_total", '{status="cancelled"}')
+    before = metric(slow_server, "reelserve:request_success_total", 'finished_reason="cancelled"')
     job = client.videos.create(prompt="sleep:60", size="32x32", extra_body={"num_inference_steps": 60})
     deadline = time.monotonic() + TIMEOUT_S
     while client.videos.retrieve(job.id).progress == 0:  # wait until it is really denoising
@@ -75,8 +78,8 @@ def test_delete_cancels_a_running_job_and_removes_it(slow_server):
     assert deleted.deleted and deleted.id == job.id
     with pytest.raises(openai.NotFoundError):
         client.videos.retrieve(job.id)
-    wait_for_metric(slow_server, "reelserve_requests_total", '{status="cancelled"}', before + 1)
-    assert metric(slow_server, "reelserve_running_requests") == 0  # its worker let go of it
+    wait_for_metric(slow_server, "reelserve:request_success_total", 'finished_reason="cancelled"', before + 1)
+    assert metric(slow_server, "reelserve:num_requests_running") == 0  # its worker let go of it
 
 
 def test_content_of_an_unfinished_job_is_not_ready_and_unknown_ids_are_404(real_server):
@@ -107,26 +110,34 @@ def test_bad_job_fields_are_422_naming_the_field(real_server, body, field, words
     assert error["type"] == "invalid_request_error" and error["param"] == field and words in error["message"]
 
 
-def test_ready_and_metrics(real_server):
+def test_ready_and_metrics(real_server, tiny_model_dir):
     with httpx.Client(base_url=real_server.url, timeout=30) as http:
         assert http.get("/ready").json() == {"status": "ok"}
         http.post("/generate", json={"prompt": "count me", "num_inference_steps": 2})
         text = http.get("/metrics").text
+    # vLLM's names with reelserve's prefix, each with vLLM's model_name label (the served name).
+    model = f'model_name="{tiny_model_dir.name}"'
     for name in (
-        "reelserve_queue_depth",
-        "reelserve_running_requests",
-        "reelserve_step_seconds_bucket",
-        "reelserve_batch_size_bucket",
-        "reelserve_expert_swaps_total",
-        "reelserve_stage_seconds_bucket",
+        "reelserve:num_requests_waiting",
+        "reelserve:num_requests_running",
+        "reelserve:e2e_request_latency_seconds_bucket",
+        "reelserve:request_queue_time_seconds_bucket",
+        "reelserve:request_inference_time_seconds_bucket",
+        "reelserve:denoising_step_time_seconds_bucket",
+        "reelserve:denoising_batch_size_bucket",
+        "reelserve:expert_swaps_total",
+        "reelserve:request_stage_time_seconds_bucket",
     ):
-        assert name in text
-    assert metric(real_server, "reelserve_requests_total", '{status="finished"}') >= 1
+        assert re.search(rf"^{re.escape(name)}\{{[^}}]*{re.escape(model)}", text, re.MULTILINE), name
+    assert metric(real_server, "reelserve:request_success_total", 'finished_reason="finished"') >= 1
+    # The one request: 2 steps, each observed once in the per-step histogram (warmup is not a request).
+    assert metric(real_server, "reelserve:e2e_request_latency_seconds_count") >= 1
+    assert metric(real_server, "reelserve:denoising_step_time_seconds_count") >= 2
 
 
 def test_generate_client_that_disconnects_cancels_its_request(slow_server):
-    before = metric(slow_server, "reelserve_requests_total", '{status="cancelled"}')
+    before = metric(slow_server, "reelserve:request_success_total", 'finished_reason="cancelled"')
     body = {"prompt": "sleep:60", "height": 32, "width": 32, "num_inference_steps": 60}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{slow_server.url}/generate", json=body, timeout=1.0)
-    wait_for_metric(slow_server, "reelserve_requests_total", '{status="cancelled"}', before + 1)
+    wait_for_metric(slow_server, "reelserve:request_success_total", 'finished_reason="cancelled"', before + 1)

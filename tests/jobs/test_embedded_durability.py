@@ -251,7 +251,7 @@ def test_a_drain_that_runs_out_of_time_ends_open_requests_and_exits_0(tiny_model
             body = {"prompt": "sleep:120", "seed": 6, **SIZE}
             pending = pool.submit(httpx.post, f"{proc.url}/generate", json=body, timeout=TIMEOUT_S)
             deadline = time.monotonic() + TIMEOUT_S
-            while not re.search(r"^reelserve_running_requests 1", client.get("/metrics").text, re.MULTILINE):
+            while not re.search(r"^reelserve:num_requests_running\{.*\} 1", client.get("/metrics").text, re.MULTILINE):
                 assert time.monotonic() < deadline, "the request never started"
                 time.sleep(0.1)
             proc.signal(signal.SIGTERM)

@@ -74,14 +74,16 @@ def assert_video(server: ServerProcess, job_id: str, seconds: float, seed: int) 
 def finished_here(server: ServerProcess, status: str = "finished") -> int:
     """How many requests this replica's engine ran to the given end (its Prometheus counter)."""
     text = httpx.get(f"{server.url}/metrics").text
-    match = re.search(rf'^reelserve_requests_total{{status="{status}"}} (\S+)$', text, re.MULTILINE)
+    match = re.search(
+        rf'^reelserve:request_success_total{{finished_reason="{status}",[^}}]*}} (\S+)$', text, re.MULTILINE
+    )
     return int(float(match[1])) if match else 0
 
 
 def running_here(server: ServerProcess) -> int:
     """Requests this replica's workers hold now (its Prometheus gauge)."""
     text = httpx.get(f"{server.url}/metrics").text
-    return int(float(re.search(r"^reelserve_running_requests (\S+)$", text, re.MULTILINE)[1]))
+    return int(float(re.search(r"^reelserve:num_requests_running\{[^}]*\} (\S+)$", text, re.MULTILINE)[1]))
 
 
 def test_any_replica_answers_for_any_job(shared):
