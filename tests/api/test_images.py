@@ -274,6 +274,20 @@ def test_videos_json_takes_base64_and_openais_image_url_object(i2v_server, submi
     assert unsupported.json()["error"]["param"].startswith("input_reference")
 
 
+def test_openai_client_sends_the_image_url_object_as_a_form_part(i2v_server, submitted):
+    """OpenAI's object form through the client: its `input_reference` argument takes files only in
+    this SDK, so the object goes in `extra_body`, which the client flattens into an
+    `input_reference[image_url]` form part (serve/api/form_fields.py); it reaches the engine as
+    the JSON object does."""
+    img = noise(32, 32)
+    client = openai.OpenAI(base_url=f"{i2v_server.url}/v1", api_key="unused", max_retries=0)
+    reference = {"image_url": "data:image/png;base64," + b64(encode(img))}
+    with pytest.warns(DeprecationWarning):  # the SDK marks the Videos API deprecated (Sora's shutdown)
+        client.videos.create(prompt="a cat", size="32x32", extra_body={**SMALL, "input_reference": reference})
+    until_submitted(submitted, 1)
+    assert submitted[-1].image.rgb == img.tobytes()
+
+
 BAD = [
     ("truncated", encode(noise(64, 64))[:300], "truncated or corrupt"),
     ("bomb", png_claiming(100_000, 100_000), "server limit max_image_pixels"),
