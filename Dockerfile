@@ -1,29 +1,44 @@
-# reelserve for GPU hosts: `docker run --gpus all -p 8000:8000 -v /path/to/models:/models:ro reelserve`
-# The base ships a CUDA build of PyTorch; pip keeps it because pyproject only asks for torch>=2.5.
-ARG BASE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
-FROM ${BASE}
+# reelserve for GPU hosts:
+#   docker build -t reelserve .
+#   docker run --gpus all -p 8000:8000 -v /path/to/models:/models:ro reelserve
+# torch, diffusers and transformers are the versions CI tests: deploy/install.sh installs them from
+# constraints.txt, the file CI's install reads too, and CI runs the same script in a fresh venv
+# (.ci/run). Only the torch build differs: CUDA wheels from PyTorch's index here (they carry the
+# CUDA libraries; the host needs the NVIDIA driver and container toolkit), the CPU wheel in CI.
+# Pick the index of your driver's CUDA with --build-arg TORCH_INDEX_URL=.../whl/cu126 (or cu129, ...).
+ARG PYTHON_VERSION=3.11
+FROM python:${PYTHON_VERSION}-slim-bookworm
 
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1
 
 WORKDIR /app
+# torch first, in a layer of its own: gigabytes that change only when constraints.txt does.
+COPY constraints.txt ./
+COPY deploy/install.sh ./deploy/
+RUN TORCH_INDEX_URL="${TORCH_INDEX_URL}" sh deploy/install.sh torch
+
 COPY pyproject.toml README.md ./
 COPY serve ./serve
 COPY models ./models
-RUN pip install . \
+RUN TORCH_INDEX_URL="${TORCH_INDEX_URL}" sh deploy/install.sh \
  && useradd --create-home --uid 10001 reelserve \
  && mkdir -p /models \
- && chown reelserve /models
+ && chown 10001 /models
 
-USER reelserve
+USER 10001
 VOLUME ["/models"]
 EXPOSE 8000
 
 # Loading a 14B-per-expert checkpoint takes minutes: give start-up a long grace period.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 \
-  CMD python -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"
+  CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"]
 
+# Settings as flags after the image name, as REELSERVE_* variables (docker run -e), or in a file:
+# -v ./serve.yaml:/etc/reelserve.yaml:ro -e REELSERVE_CONFIG=/etc/reelserve.yaml (README: Operating it).
 ENTRYPOINT ["reelserve", "serve", "--host", "0.0.0.0", "--port", "8000"]
 CMD ["--model", "/models/Wan2.2-T2V-A14B-Diffusers", "--device", "cuda:0"]
