@@ -17,9 +17,11 @@ token and per hidden channel, read off the code line by line (flash attention: n
     residual    22 = input 2 + residual 2 + normed 2 + cross-attention output 2 + FFN output 2
                      + the fp32 path: residual.float() 4, ffn.float() 4, their gated product 4
 per row (CFG batched runs 2 rows, sequential 1), plus the fp32 RoPE table (cos and sin, head_dim
-each) shared by the rows. With the block run in sequence chunks (`models/wan/chunked_block.py`) only
-the attention keeps its full-sequence size; the rest is divided by the chunk count. Checked against
-the live bytes of a real block on CPU (tests/memory/test_activation_model.py, bench/activation_memory.py).
+each) shared by the rows and the text side (the projected prompt, cross-attention's k and v).
+With the block run in sequence chunks (`models/wan/chunked_block.py`) only the attention keeps its
+full-sequence size; the rest is divided by the chunk count. Checked against the live bytes of
+diffusers' Wan transformer on CPU (tests/memory/test_activation_model.py, bench/activation_memory.py).
+VAE decode estimate:
     vae decode = vae_temporal * H * W * vae_base_dim * 4 bytes (fp32) * 4 (input, output, residual, causal cache)
 
 `reelserve inspect` (models/inspect.py) prints it; torch is imported only to build modules on meta.
@@ -89,6 +91,8 @@ ATTENTION_PEAK = 15
 RESIDUAL_PEAK = 22
 BLOCK_INPUT = 2  # the bf16 hidden state the transformer's loop holds while a block runs
 ROPE_TABLE = 2 * 4  # cos and sin, fp32, head_dim of each per token
+TEXT_TOKENS = 512  # Wan pads every prompt to 512 tokens
+TEXT_SIDE = 2 + 2 + 2  # per text token and channel: the projected prompt, cross-attention's k and v (bf16)
 
 
 def ffn_peak(hidden: int, ffn: int) -> float:
@@ -108,7 +112,8 @@ def denoise_activation_bytes(tokens: int, hidden: int, ffn: int, head_dim: int, 
         whole = BLOCK_INPUT + 2 + 2
         chunk = max(RESIDUAL_PEAK, ffn_peak(hidden, ffn)) - BLOCK_INPUT
         per_token_channel = max(ATTENTION_PEAK, whole + chunk / chunks)
-    return int(rows * tokens * hidden * per_token_channel) + tokens * head_dim * ROPE_TABLE
+    text = rows * TEXT_TOKENS * hidden * TEXT_SIDE
+    return int(rows * tokens * hidden * per_token_channel) + tokens * head_dim * ROPE_TABLE + text
 
 
 def component_stats(component_dir: str | Path, kind: str) -> ComponentStats:

@@ -13,7 +13,7 @@ from diffusers import WanPipeline
 from models.inspect import write_header_fixture
 from serve.loader.config import MemoryConfig
 from serve.pipeline.denoise import DenoiseStage
-from serve.worker.factory import plan_memory
+from serve.worker.factory import RunnerConfig, load_model_runner, plan_memory
 from serve.worker.model_runner import ModelRunner
 from tests.pipeline.test_oracle import ATOL, params, reference_frames
 
@@ -82,3 +82,10 @@ def test_a_model_without_a_chunker_refuses_chunks() -> None:
         stage.set_activation_plan("batched", 4)
     stage.set_activation_plan("sequential", 1)
     assert stage.cfg_mode == "sequential"
+
+
+def test_the_worker_factory_applies_the_flags(tiny_model_dir) -> None:
+    options = RunnerConfig(memory=MemoryConfig(cfg_mode="sequential", block_chunks=2))
+    runner = load_model_runner(str(tiny_model_dir), "cpu", "float32", options)
+    assert runner.denoise.cfg_mode == "sequential"
+    assert all("forward" in vars(b) for e in runner.denoise.experts for b in e.blocks)
