@@ -78,6 +78,7 @@ def configure_logging(log_format: LogFormat = "text", level: str = "info") -> No
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # a library's warning is an event too: in JSON, not a bare stderr line
 
 
 def startup_summary(lines: Iterable[tuple[str, str]]) -> str:
