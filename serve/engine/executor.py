@@ -281,6 +281,10 @@ class Executor:
         try:
             while w.conn.poll():
                 report = w.conn.recv()
+                if w.group is not None and not w.alive():
+                    # A rank died and rank 0 reports what broke in the collectives it was in: the
+                    # death (below) is the cause, and its requests are the scheduler's to retry.
+                    continue
                 if isinstance(report, UnitReport) and report.unit_id == w.unit_id:
                     events.append(UnitOutcome(self._result(w.unit, report), report))
                     w.unit, w.unit_id = None, None
@@ -306,9 +310,10 @@ class Executor:
 
     @staticmethod
     def _group_death(w: WorkerHandle) -> str:
-        """Which rank died first (by its exit code: the others are alive, or died of its death)."""
-        dead = [(rank, p) for rank, p in enumerate(w.processes()) if not p.is_alive()]
-        rank, proc = dead[0]
+        """Which rank died (the lowest of those gone: the others are alive, or died of its death).
+        A process's sentinel fires before it can be reaped, hence the join for its exit code."""
+        rank, proc = next((r, p) for r, p in enumerate(w.processes()) if wait([p.sentinel], timeout=0))
+        proc.join()
         return (
             f"worker process died (worker group {w.index}: rank {rank} on {w.group.devices[rank]}, "
             f"exit code {proc.exitcode}; the group restarts as a whole) while holding this request"
