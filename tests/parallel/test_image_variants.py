@@ -1,0 +1,34 @@
+"""Image-to-video in worker groups: Wan2.2 I2V-A14B (36 input channels, two experts) on Ulysses 2,
+and TI2V-5B (per-token timesteps, which diffusers' plan splits with the sequence) on CFG 2 x
+Ulysses 2, against the same request in one process.
+
+Tolerances as in test_ulysses.py / test_cfg_ulysses.py: bit for bit on Ulysses alone, one 8-bit
+level once CFG rows are split (a batch of one instead of two in the matmuls, ~1e-6 on floats)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from models.tiny import write_tiny_checkpoint
+from serve.pipeline.mp4 import decode_mp4
+from serve.worker.model_runner import ModelRunner
+from tests.models.wan.reference import make_condition_image
+from tests.parallel.conftest import TIMEOUT_S, group_core, request
+
+
+@pytest.mark.parametrize(
+    ("layout", "degrees", "levels"),
+    [("i2v-a14b", (2, 1), 0), ("ti2v-5b", (2, 2), 1)],
+)
+def test_image_request_in_a_group_matches_one_process(tmp_path, layout, degrees, levels):
+    model_dir = str(write_tiny_checkpoint(tmp_path / layout, layout=layout))
+    p = dataclasses.replace(request(seed=8), image=make_condition_image(64, 64, square_rgb=(40, 200, 60)))
+    alone = ModelRunner.from_checkpoint(model_dir).generate(p).frames.astype(int)
+    core = group_core(model_dir, [degrees])
+    core.start()
+    try:
+        got = decode_mp4(core.add_request(p)[1].result(TIMEOUT_S).mp4)[0].astype(int)
+    finally:
+        core.stop()
+    assert np.abs(got - alone).max() <= levels
