@@ -8,9 +8,10 @@ over fewer rows at a time, changes only the order of float operations.
 
 import pytest
 import torch
-from diffusers import WanPipeline
+from diffusers import WanPipeline, WanTransformer3DModel
 
 from models.inspect import write_header_fixture
+from models.wan.chunked_block import set_block_chunks
 from serve.loader.config import MemoryConfig
 from serve.pipeline.denoise import DenoiseStage
 from serve.worker.factory import RunnerConfig, load_model_runner, plan_memory
@@ -89,3 +90,21 @@ def test_the_worker_factory_applies_the_flags(tiny_model_dir) -> None:
     runner = load_model_runner(str(tiny_model_dir), "cpu", "float32", options)
     assert runner.denoise.cfg_mode == "sequential"
     assert all("forward" in vars(b) for e in runner.denoise.experts for b in e.blocks)
+
+
+def test_chunked_blocks_follow_per_token_timesteps() -> None:
+    """TI2V's per-token timesteps give each token its own modulation (temb: batch, tokens, 6, dim):
+    each chunk must get its own tokens' rows. fp32: equal to the whole block within rounding."""
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=8, freq_dim=16, ffn_dim=48, num_layers=2, cross_attn_norm=True,
+    ).eval()  # fmt: skip
+    latents = torch.randn(2, 4, 3, 8, 6)  # 3 * 4 * 3 = 36 tokens
+    timesteps = torch.rand(2, 36) * 1000  # a different timestep per token, as TI2V's first frame has
+    inputs = dict(hidden_states=latents, timestep=timesteps, encoder_hidden_states=torch.randn(2, 512, 8))
+    with torch.inference_mode():
+        whole = model(**inputs, return_dict=False)[0]
+        set_block_chunks(model, 5)  # 36 tokens: chunks of 8, the last of 4
+        chunked = model(**inputs, return_dict=False)[0]
+    torch.testing.assert_close(chunked, whole, atol=ATOL, rtol=0)
