@@ -35,7 +35,13 @@ def _ids(record: logging.LogRecord) -> list[str]:
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts (UTC, ISO 8601), level, logger, message, and request_id(s)
-    when the event is about requests; a traceback goes in `exc_info`, so a line stays one line."""
+    when the event is about requests; a traceback goes in `exc_info`, so a line stays one line.
+    `process`: which process of the server wrote it, where that is not the logger's business (the
+    rank of a worker group)."""
+
+    def __init__(self, process: str | None = None) -> None:
+        super().__init__()
+        self.process = process
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -44,6 +50,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.process:
+            entry["process"] = self.process
         if getattr(record, "request_id", None):
             entry["request_id"] = record.request_id
         if getattr(record, "request_ids", None):
@@ -54,10 +62,11 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """The usual line, with the request ids in brackets after the logger name."""
+    """The usual line, with the request ids in brackets after the logger name (and the process
+    before it, when named)."""
 
-    def __init__(self) -> None:
-        super().__init__(TEXT_FORMAT)
+    def __init__(self, process: str | None = None) -> None:
+        super().__init__(TEXT_FORMAT.replace("%(name)s", f"{process} %(name)s") if process else TEXT_FORMAT)
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
         line = super().formatMessage(record)
@@ -68,11 +77,12 @@ class TextFormatter(logging.Formatter):
         return f"{head} [{' '.join(ids)}]{sep}{message}"
 
 
-def configure_logging(log_format: LogFormat = "text", level: str = "info") -> None:
-    """Send every logger's events at `level` and above to stderr in `log_format`."""
+def configure_logging(log_format: LogFormat = "text", level: str = "info", process: str | None = None) -> None:
+    """Send every logger's events at `level` and above to stderr in `log_format`; `process` names
+    the process in each event (`rank 1`)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(process) if log_format == "json" else TextFormatter(process))
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
         root.removeHandler(old)

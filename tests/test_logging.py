@@ -12,7 +12,12 @@ import sys
 
 import httpx
 
+from serve.api.server import _worker_line
+from serve.engine.executor import WorkerHandle
+from serve.engine.messages import Ready
 from serve.logs import JsonFormatter, TextFormatter, about
+from serve.worker.factory import WorkerArgs
+from serve.worker.group_args import GroupArgs
 from tests.jobs.server_process import ServerProcess
 
 SIZE = {"width": 32, "height": 32, "num_frames": 5, "num_inference_steps": 2, "lossless": True}
@@ -41,6 +46,16 @@ def test_json_lines_carry_the_fields_and_the_request_ids():
         line = JsonFormatter().format(record("failed", exc_info=sys.exc_info()))
     assert "\n" not in line and "RuntimeError: boom" in json.loads(line)["exc_info"]  # still one line
     assert TextFormatter().format(record("queued", about("video_1"))).endswith("serve.engine.core [video_1]: queued")
+
+
+def test_a_process_name_and_a_worker_group_in_the_summary():
+    """A rank of a worker group names itself in each event; the summary names a group's devices."""
+    entry = json.loads(JsonFormatter(process="rank 1").format(record("joined")))
+    assert entry["process"] == "rank 1"
+    assert " rank 1 serve.engine.core: joined" in TextFormatter(process="rank 1").format(record("joined"))
+    group = GroupArgs(devices=("cuda:0", "cuda:1"), ulysses=2, cfg=1)
+    handle = WorkerHandle(0, WorkerArgs("m"), info=Ready("cuda:0", "bfloat16", memory_plan="resident"), group=group)
+    assert _worker_line(handle) == "0: group cuda:0,cuda:1 (ulysses 2 x cfg 1) bfloat16, memory resident"
 
 
 def test_a_json_server_logs_its_summary_and_each_request_by_id(tiny_model_dir, tmp_path):

@@ -133,7 +133,7 @@ def ready_summary(config: ServerConfig, client: EngineClient, url: str) -> str:
     which limits, and where."""
     entry = resolve(config.model_dir)
     limits, scheduler = config.limits, config.scheduler
-    workers = [f"{w.index}: {w.info.device} {w.info.dtype}, memory {w.info.memory_plan}" for w in ready_workers(client)]
+    workers = [_worker_line(w) for w in ready_workers(client)]
     return startup_summary(
         [
             ("model", f"{config.model_names[0]} ({entry.family} {entry.variant}, {config.model_dir})"),
@@ -159,3 +159,11 @@ def ready_workers(client: EngineClient) -> list:
 def _stored_weights(weights_dtype: str) -> str:
     # `bf16` is the default "store as loaded" (the worker's --dtype), not a quantization.
     return "none" if weights_dtype == "bf16" else f"weights stored in {weights_dtype}"
+
+
+def _worker_line(w) -> str:
+    """`0: cuda:0 bfloat16, memory resident`; a group: its devices and how they split the work."""
+    where = w.info.device
+    if w.group is not None:
+        where = f"group {','.join(w.group.devices)} (ulysses {w.group.ulysses} x cfg {w.group.cfg})"
+    return f"{w.index}: {where} {w.info.dtype}, memory {w.info.memory_plan}"

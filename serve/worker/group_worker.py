@@ -8,15 +8,17 @@ the executor watches every rank's process, so a rank's death takes the whole gro
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
 from serve.engine.messages import DecodeUnit, Free, LoadFailed, Ready, Shutdown, UnitReport
+from serve.logs import configure_logging
 from serve.worker.factory import WorkerArgs
 from serve.worker.group_args import GroupArgs
-from serve.worker.worker import Worker, _reason, import_object
+from serve.worker.worker import Worker, _reason, import_object, memory_plan
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,8 @@ class GroupWorker(Worker):
             log.error("calibration failed:\n%s", traceback.format_exc())
             return self._failed(f"rank {self.group.rank}: {_reason(e)}")
         if self.group.leader:
-            self.conn.send(Ready(self.args.device, self.args.dtype, tuple(tuple(s) for s in samples)))
+            samples = tuple(tuple(s) for s in samples)
+            self.conn.send(Ready(self.args.device, self.args.dtype, samples, memory_plan(self.runner)))
         return True
 
     def _build(self) -> str | None:
@@ -55,7 +58,8 @@ class GroupWorker(Worker):
 
         try:
             factory = import_object(self.args.runner_factory)
-            self.runner = factory(self.args.model_dir, self.group.device, self.args.dtype, self.args.options)
+            options = dataclasses.replace(self.args.options, group=(self.group.ulysses, self.group.cfg))
+            self.runner = factory(self.args.model_dir, self.group.device, self.args.dtype, options)
             torch_group.parallelize(self.runner, self.group)
         except Exception as e:
             log.error("rank %d failed to load the model:\n%s", self.group.rank, traceback.format_exc())
@@ -103,7 +107,7 @@ def group_worker_main(conn: Connection | None, args: WorkerArgs, group: GroupArg
     """Entry point of one rank's spawned process."""
     from serve.worker import group as torch_group
 
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {group.rank} %(levelname)s %(message)s")
+    configure_logging(args.log_format, args.log_level, process=f"rank {group.rank}")
     if args.torch_threads:
         import torch
 
