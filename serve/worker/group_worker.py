@@ -8,7 +8,6 @@ the executor watches every rank's process, so a rank's death takes the whole gro
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import traceback
 from multiprocessing.connection import Connection
@@ -58,8 +57,7 @@ class GroupWorker(Worker):
 
         try:
             factory = import_object(self.args.runner_factory)
-            options = dataclasses.replace(self.args.options, group=(self.group.ulysses, self.group.cfg))
-            self.runner = factory(self.args.model_dir, self.group.device, self.args.dtype, options)
+            self.runner = factory(self.args.model_dir, self.group.device, self.args.dtype, self.args.options)
             torch_group.parallelize(self.runner, self.group)
         except Exception as e:
             log.error("rank %d failed to load the model:\n%s", self.group.rank, traceback.format_exc())
