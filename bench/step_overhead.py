@@ -9,8 +9,11 @@ The engine's time per step is the difference of two requests' wall times, with `
 `--steps + --extra-steps` steps, divided by the extra steps: text encoding, decoding and MP4 cancel
 out, what remains is what one more step costs a client, gaps between steps included. The worker's
 own time per step (the `denoise` stage it reports) splits that into the runner's share and the
-engine loop + IPC share. Engine pairs and bare forwards alternate, so load from other processes
-on the machine hits both alike; medians over `--repeats`.
+engine loop + IPC share. Rounds alternate the engine pair, bare forwards and the runner's steps
+loaded in this process, so load from other processes hits all alike; medians and minima over
+`--repeats` rounds. The runner's steps and the bare forwards are also timed in CPU seconds,
+which other jobs on a shared machine do not inflate (with `--threads 1` the work is all in this
+process's one thread).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -75,12 +79,46 @@ class BareForward:
         self.embeds = torch.randn(2, MAX_SEQUENCE_LENGTH, text_dim, generator=generator)
 
     @torch.inference_mode()
-    def __call__(self) -> float:
-        start = time.perf_counter()
-        self.transformer(
-            hidden_states=self.hidden, timestep=self.timestep, encoder_hidden_states=self.embeds, return_dict=False
-        )
-        return time.perf_counter() - start
+    def __call__(self) -> tuple[float, float]:
+        """(wall, CPU) seconds of one forward."""
+        with timed() as seconds:
+            self.transformer(
+                hidden_states=self.hidden, timestep=self.timestep, encoder_hidden_states=self.embeds, return_dict=False
+            )
+        return seconds
+
+
+class RunnerSteps:
+    """The worker's runner loaded here, so its steps can be timed in CPU seconds too (a worker
+    process's CPU time is out of reach; on a loaded machine wall time is mostly other jobs')."""
+
+    def __init__(self, model: Path, args) -> None:
+        from serve.worker.model_runner import ModelRunner
+
+        self.runner = ModelRunner.from_checkpoint(model)
+        self.args = args
+
+    def __call__(self, seed: int) -> list[tuple[float, float]]:
+        """(wall, CPU) seconds of each step of a fresh `--extra-steps` request."""
+        (state,) = self.runner.start([params(self.args, self.args.extra_steps, seed)])
+        out = []
+        for expert in self.runner.experts_of(state):
+            with timed() as seconds:
+                self.runner.denoise_step([state], expert)
+            out.append(seconds)
+        return out
+
+
+class timed:
+    """`with timed() as seconds:` fills `seconds` with (wall, process CPU) on exit."""
+
+    def __enter__(self) -> list[float]:
+        self.seconds: list[float] = []
+        self.start = (time.perf_counter(), time.process_time())
+        return self.seconds
+
+    def __exit__(self, *exc) -> None:
+        self.seconds += [time.perf_counter() - self.start[0], time.process_time() - self.start[1]]
 
 
 def set_threads(threads: int | None) -> None:
@@ -108,35 +146,58 @@ def main() -> None:
     with checkpoint_or_tiny(args.model, size="bench") as model, tempfile.TemporaryDirectory() as out:
         client = EngineClient(ServerConfig(model_dir=model, output_dir=Path(out)))
         client.start()
-        bare = BareForward(model, args)
-        bare()  # first-call allocations, as the engine's calibration does for the worker
+        bare, runner = BareForward(model, args), RunnerSteps(model, args)
+        bare(), runner(seed=10**6)  # first-call allocations, as the engine's calibration does for the worker
         try:
-            rounds = []  # (bare forward, worker step, engine step) seconds, measured back to back
+            rounds = []
             for repeat in range(args.repeats):
                 wall, reported = engine_step(client, args, repeat)
-                forward = statistics.median(bare() for _ in range(args.extra_steps))
-                rounds.append((forward, reported, wall))
+                forwards = [bare() for _ in range(args.extra_steps)]
+                steps = runner(seed=repeat)
+                rounds.append(Round(forwards, steps, reported, wall))
         finally:
             client.stop()
     report(args, rounds)
 
 
-def report(args, rounds: list[tuple[float, float, float]]) -> None:
-    """Medians of the seconds, and of each round's ratios to that round's bare forward (a round's
-    three figures were measured within a minute of each other, under the same load)."""
+@dataclass
+class Round:
+    """One round's figures, measured back to back (within a minute, under the same load)."""
+
+    forwards: list[list[float]]  # (wall, CPU) of each bare forward
+    runner_steps: list[list[float]]  # (wall, CPU) of each in-process runner step
+    worker_step: float  # wall per step the worker reported to the engine
+    engine_step: float  # wall per step the client saw
+
+
+def report(args, rounds: list[Round]) -> None:
     print(
         f"{args.size}x{args.size}, {args.frames} frames, CFG (2 rows); {args.repeats} rounds of "
         f"{args.extra_steps} steps; cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()}"
     )
-    print(f"{'':34}{'s / step':>10}{'vs bare':>10}")
-    names = ("bare transformer forward", "worker's step (runner)", "engine's step (client's view)")
-    ratios = [[r[i] / r[0] for r in rounds] for i in range(3)]
-    for i, name in enumerate(names):
-        print(f"{name:34}{statistics.median(r[i] for r in rounds):10.3f}{statistics.median(ratios[i]):10.3f}")
-    runner = statistics.median(r[1] / r[0] - 1 for r in rounds)
-    total = statistics.median(ratios[2]) - 1
-    print(f"overhead: runner {100 * runner:+.1f}%, total {100 * total:+.1f}% (target: within 5%)")
-    print("per round (bare, worker, engine s):", "; ".join(" ".join(f"{x:.3f}" for x in r) for r in rounds))
+    forward = [f for r in rounds for f in r.forwards]
+    runner = [s for r in rounds for s in r.runner_steps]
+    rows = [
+        ("bare transformer forward", [f[0] for f in forward], [f[1] for f in forward]),
+        ("runner's step, in process", [s[0] for s in runner], [s[1] for s in runner]),
+        ("worker's step (its report)", [r.worker_step for r in rounds], None),
+        ("engine's step (client's view)", [r.engine_step for r in rounds], None),
+    ]
+    bare_wall, bare_cpu = statistics.median(rows[0][1]), statistics.median(rows[0][2])
+    print(f"{'seconds per step':32}{'wall med':>9}{'min':>7}{'max':>7}{'vs bare':>9}{'CPU med':>9}{'vs bare':>9}")
+    for name, wall, cpu in rows:
+        med = statistics.median(wall)
+        line = f"{name:32}{med:9.3f}{min(wall):7.2f}{max(wall):7.2f}{med / bare_wall:9.3f}"
+        if cpu is not None:
+            line += f"{statistics.median(cpu):9.3f}{statistics.median(cpu) / bare_cpu:9.3f}"
+        print(line)
+    runner_cpu = statistics.median(rows[1][2]) / bare_cpu - 1
+    engine_wall = statistics.median(rows[3][1]) / bare_wall - 1
+    print(
+        f"overhead (target: within 5%): the runner's step {100 * runner_cpu:+.1f}% in CPU seconds; the engine's "
+        f"step {100 * engine_wall:+.1f}% in wall seconds (medians; on a machine shared with other jobs the wall "
+        "figures swing between min and max, CPU seconds do not)"
+    )
 
 
 if __name__ == "__main__":
