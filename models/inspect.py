@@ -130,6 +130,56 @@ def print_report(stats: ModelStats, plans: list, size: tuple[int, int, int], lev
             _fmt(p.device), _fmt(p.host), fit,
         ])  # fmt: skip
     _print_table(rows)
+    print_groups(stats, size)
+
+
+GROUP_SIZES = (1, 2, 4, 8)
+
+
+def group_rows(stats: ModelStats, size: tuple[int, int, int]) -> list[dict]:
+    """What a worker group of 1/2/4/8 devices changes per device: every rank holds the whole model
+    (weights unchanged), Ulysses divides the sequence's activations by its degree, and CFG-parallel
+    (cfg=2) runs one of the two CFG rows per rank. CFG batched, whole blocks; bf16 weights, resident."""
+    weights = sum(e.held["bf16"] for e in stats.experts) + stats.text_encoder.held["bf16"] + stats.vae.held["bf16"]
+    tokens = stats.tokens(*size)
+    rows = []
+    for devices in GROUP_SIZES:
+        for cfg in (1, 2):
+            if devices % cfg:
+                continue
+            ulysses = devices // cfg
+            rows.append({
+                "devices": devices, "ulysses": ulysses, "cfg": cfg, "tokens_per_device": -(-tokens // ulysses),
+                "activation_bytes": stats.activation_bytes(*size, 2 // cfg, 1, ulysses), "weights_bytes": weights,
+            })  # fmt: skip
+    return rows
+
+
+def print_groups(stats: ModelStats, size: tuple[int, int, int]) -> None:
+    h, w, f = size
+    print(f"\nper device in a worker group (--parallel ulysses=U,cfg=C) at {w}x{h}, {f} frames, resident bf16:")
+    table = [["devices", "ulysses", "cfg", "tokens/device", "denoise activations", "weights"]]
+    for r in group_rows(stats, size):
+        table.append([
+            str(r["devices"]), str(r["ulysses"]), str(r["cfg"]), f"{r['tokens_per_device']:,}",
+            _fmt(r["activation_bytes"]), _fmt(r["weights_bytes"]),
+        ])  # fmt: skip
+    _print_table(table)
+
+
+def groups_table() -> str:
+    """The README's table: A14B at 480p and 720p, per device, for groups of 1/2/4/8 devices."""
+    lines = ["| size | devices | ulysses x cfg | tokens per device | denoise activations | weights |", "|---" * 6 + "|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = model_stats(write_header_fixture(Path(tmp) / "a14b", "Wan2.2-T2V-A14B"))
+        for _, size in [s for s in REFERENCE_SIZES if s[0] == "Wan2.2-T2V-A14B"][::-1]:
+            h, w, f = size
+            for r in group_rows(stats, size):
+                lines.append(
+                    f"| {w}x{h}x{f} | {r['devices']} | {r['ulysses']} x {r['cfg']} | {r['tokens_per_device']:,} | "
+                    f"{_fmt(r['activation_bytes'])} | {_fmt(r['weights_bytes'])} |"
+                )
+    return "\n".join(lines)
 
 
 def _first_fitting_level(plans: list) -> list:
@@ -175,11 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reelserve inspect", description=__doc__.split("\n")[0])
     parser.add_argument("model_dir", nargs="?", type=Path)
     parser.add_argument("--table", action="store_true", help="print the README table for the reference models")
+    parser.add_argument("--groups-table", action="store_true", help="print the README table of worker groups for A14B")
     add_inspect_args(parser)
     add_memory_args(parser)
     args = parser.parse_args(argv)
     if args.table:
         print(readme_table(memory_config(args).prefetch_blocks))
+        return 0
+    if args.groups_table:
+        print(groups_table())
         return 0
     if args.model_dir is None:
         parser.error("give a checkpoint directory (or --table)")
@@ -206,6 +260,7 @@ def run_inspect(args) -> int:
         out = {"model": asdict(stats), "tokens": stats.tokens(*size), "plans": [asdict(p) for p in plans]}
         out["activation_bytes"] = activation_table(stats, size, levels)
         out["vae_decode_bytes"] = stats.vae_decode_bytes(args.height, args.width)
+        out["groups"] = group_rows(stats, size)
         for c in out["model"]["experts"] + [out["model"]["text_encoder"], out["model"]["vae"]]:
             c.pop("config")
         print(json.dumps(out, indent=2))

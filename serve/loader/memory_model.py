@@ -73,12 +73,17 @@ class ModelStats:
 
         return latent_tokens(height, width, frames, self.vae_scale_temporal, self.vae_scale_spatial, self.patch_size)
 
-    def activation_bytes(self, height: int, width: int, frames: int, cfg_rows: int = 2, chunks: int = 1) -> int:
-        """Denoising activations of one request: `cfg_rows` 2 runs cond and uncond as one batch, 1 one after
-        the other (or no CFG); `chunks` > 1 runs each block's token-wise work in that many sequence chunks."""
+    def activation_bytes(
+        self, height: int, width: int, frames: int, cfg_rows: int = 2, chunks: int = 1, ulysses: int = 1
+    ) -> int:
+        """Denoising activations of one request on one device: `cfg_rows` 2 runs cond and uncond as one
+        batch, 1 one after the other (or no CFG, or each on its half of a CFG-parallel group); `chunks` > 1
+        runs each block's token-wise work in that many sequence chunks; `ulysses` ranks of a worker group
+        each hold that share of the sequence (the attention, all-to-all'd to whole sequences, holds a
+        share of the heads instead: the same bytes)."""
         cfg = self.experts[0].config
         hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-        tokens = self.tokens(height, width, frames)
+        tokens = -(-self.tokens(height, width, frames) // ulysses)  # uneven slices: the longest
         return denoise_activation_bytes(tokens, hidden, cfg["ffn_dim"], cfg["attention_head_dim"], cfg_rows, chunks)
 
     def vae_decode_bytes(self, height: int, width: int) -> int:

@@ -11,7 +11,9 @@ blocks (only where CFG must stay batched), sequential with chunked blocks (`ACTI
 each costs less than moving more weights every step).
 
 Device peak = weights held on the device + max(denoise activations, VAE decode working set, the
-text encoder when swapped in); the largest request comes from `serve.config.Limits`. Budgets keep a
+text encoder when swapped in); the largest request comes from `serve.config.Limits`. A rank of a
+worker group (`group` = (ulysses, cfg)) holds the whole model but 1/ulysses of the sequence's
+activations, and with cfg=2 one of the two CFG rows. Budgets keep a
 reserve for what we do not model: the CUDA context and allocator fragmentation on the device
 (`DEVICE_RESERVE`), the OS and the Python process on the host (`HOST_RESERVE`).
 """
@@ -81,14 +83,23 @@ def _weights_on_device(stats: ModelStats, mode: str, wdtype: str, te: str, k: in
 
 
 def estimate(
-    stats: ModelStats, mode: str, wdtype: str, te: str, source: str, size, k: int = 1, activations=("batched", 1)
+    stats: ModelStats,
+    mode: str,
+    wdtype: str,
+    te: str,
+    source: str,
+    size,
+    k: int = 1,
+    activations=("batched", 1),
+    group: tuple[int, int] = (1, 1),
 ) -> tuple[int, int]:
     """(device peak, host bytes) of one configuration for a request of `size` = (height, width, frames);
-    `activations` = (cfg mode, block chunks)."""
+    `activations` = (cfg mode, block chunks); `group` = (ulysses, cfg) of the worker group, per rank."""
     height, width, frames = size
     cfg_mode, chunks = activations
-    rows = 2 if cfg_mode == "batched" else 1
-    denoise = stats.activation_bytes(height, width, frames, rows, chunks)
+    ulysses, cfg_parallel = group
+    rows = 2 if cfg_mode == "batched" and cfg_parallel == 1 else 1
+    denoise = stats.activation_bytes(height, width, frames, rows, chunks, ulysses)
     working = max(denoise, stats.vae_decode_bytes(height, width))
     if te == "swap":
         working = max(working, stats.text_encoder.held["bf16"])
@@ -100,7 +111,13 @@ def estimate(
 
 
 def candidates(
-    stats: ModelStats, budget: Budget, size, k: int = 1, wdtypes=("bf16", "fp8", "int8"), levels=ACTIVATION_LEVELS
+    stats: ModelStats,
+    budget: Budget,
+    size,
+    k: int = 1,
+    wdtypes=("bf16", "fp8", "int8"),
+    levels=ACTIVATION_LEVELS,
+    group: tuple[int, int] = (1, 1),
 ) -> list[Plan]:
     """Every configuration in preference order, with its numbers and whether it fits."""
     modes = [("resident", "host"), ("expert-swap", "host"), ("expert-swap", "disk")]
@@ -112,7 +129,7 @@ def candidates(
         for mode, source in modes:
             for cfg_mode, chunks in levels:
                 for te in ("device", "swap", "cpu"):
-                    device, host = estimate(stats, mode, wdtype, te, source, size, k, (cfg_mode, chunks))
+                    device, host = estimate(stats, mode, wdtype, te, source, size, k, (cfg_mode, chunks), group)
                     fits = device + DEVICE_RESERVE <= budget.device and host + HOST_RESERVE <= budget.host
                     plans.append(Plan(mode, wdtype, te, source, device, host, fits, cfg_mode, chunks))
     return plans
@@ -149,11 +166,12 @@ def choose(
     text_encoder: str,
     cfg_mode: str = "auto",
     block_chunks: int = 0,
+    group: tuple[int, int] = (1, 1),
 ) -> Plan:
     """The planner's choice honoring `--memory-mode`, `--text-encoder-device`, `--cfg-mode` and
-    `--block-chunks`; logs the numbers behind it."""
+    `--block-chunks`, for one rank of a worker group of `group` = (ulysses, cfg); logs the numbers."""
     levels = activation_levels(cfg_mode, block_chunks)
-    plans = [p for p in candidates(stats, budget, size, k, (wdtype,), levels) if _allowed(p, mode, text_encoder)]
+    plans = [p for p in candidates(stats, budget, size, k, (wdtype,), levels, group) if _allowed(p, mode, text_encoder)]
     chosen = next((p for p in plans if p.fits), None)
     if chosen is None:
         best = min(plans, key=lambda p: p.device)

@@ -36,6 +36,9 @@ class RunnerConfig:
     text: TextEncodeConfig = TextEncodeConfig()
     largest_request: tuple[int, int, int] = (1280, 1280, 129)
     """(height, width, frames) of the largest request the server accepts."""
+    group: tuple[int, int] = (1, 1)
+    """(ulysses, cfg) of the worker group the runner is a rank of: the planner counts one rank's
+    share of the activations (serve/worker/group_worker.py sets it)."""
 
     def quant_text(self) -> str | None:
         """The quantization policy text the weights load with: `--quant`, else the one `--weights-dtype` implies."""
@@ -81,7 +84,7 @@ def load_model_runner(model_dir: str, device: str, dtype: str, options: RunnerCo
         quant = QuantPolicy.parse(quant_text, read_spec(model_dir).expert_names, options.quant.skip)
     step_cache = options.sampling.step_cache_threshold
     residency, cfg_mode, block_chunks = plan_memory(
-        model_dir, device, options.memory, options.largest_request, step_cache is not None
+        model_dir, device, options.memory, options.largest_request, step_cache is not None, options.group
     )
     runner = ModelRunner.from_checkpoint(
         model_dir,
@@ -104,7 +107,12 @@ def plan_residency(model_dir: str, device: str, memory: MemoryConfig, largest_re
 
 
 def plan_memory(
-    model_dir: str, device: str, memory: MemoryConfig, largest_request: tuple[int, int, int], step_cache: bool = False
+    model_dir: str,
+    device: str,
+    memory: MemoryConfig,
+    largest_request: tuple[int, int, int],
+    step_cache: bool = False,
+    group: tuple[int, int] = (1, 1),
 ) -> tuple[Any, str, int]:
     """(residency, cfg mode, block chunks) for this worker's device: forced by the flags, or chosen by
     the planner from this device's free memory (each GPU of a multi-GPU host is measured on its own).
@@ -135,5 +143,6 @@ def plan_memory(
         memory.text_encoder_device,
         "batched" if step_cache else memory.cfg_mode,
         memory.block_chunks,
+        group,
     )
     return plan.config(memory.prefetch_blocks), plan.cfg_mode, plan.block_chunks

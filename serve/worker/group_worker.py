@@ -8,6 +8,7 @@ the executor watches every rank's process, so a rank's death takes the whole gro
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import traceback
 from multiprocessing.connection import Connection
@@ -57,7 +58,8 @@ class GroupWorker(Worker):
 
         try:
             factory = import_object(self.args.runner_factory)
-            self.runner = factory(self.args.model_dir, self.group.device, self.args.dtype, self.args.options)
+            options = dataclasses.replace(self.args.options, group=(self.group.ulysses, self.group.cfg))
+            self.runner = factory(self.args.model_dir, self.group.device, self.args.dtype, options)
             torch_group.parallelize(self.runner, self.group)
         except Exception as e:
             log.error("rank %d failed to load the model:\n%s", self.group.rank, traceback.format_exc())
