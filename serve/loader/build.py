@@ -92,10 +92,22 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
+@contextmanager
+def initializers_skipped() -> Iterator[None]:
+    """`torch.nn.init` functions do nothing for the duration (diffusers' `no_init_weights`, which its
+    `from_pretrained` uses too). A loaded module's every parameter is then filled from the file
+    (`plan_load` checks it), so random initialisation is dead work, and on meta tensors it is not free:
+    each `uniform_` runs through Python decompositions (measured: 0.06 s of a 0.3 s bench-size load)."""
+    from diffusers.models.modeling_utils import no_init_weights
+
+    with no_init_weights():
+        yield
+
+
 def build_empty(component: ComponentClass, config: dict) -> nn.Module:
     """The module with meta parameters and real (CPU) buffers."""
     cls = component.load()
-    with parameters_on_meta(), torch.device("cpu"):
+    with parameters_on_meta(), initializers_skipped(), torch.device("cpu"):
         if component.library == "transformers":
             return cls(cls.config_class.from_dict(config))
         return cls.from_config(config)

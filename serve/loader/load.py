@@ -2,14 +2,18 @@
 
 The plan (which file fills which parameter) is checked in full against the headers before any
 weight byte is read, so a mismatched checkpoint fails in seconds, not after minutes of I/O.
-Then each file is opened once and its tensors are read one at a time, each copied straight to
-its device and dtype: peak host memory is the loaded weights plus the pages of the one file
-being read, never a state dict.
+Then the plan is cut into units of contiguous tensors (serve/loader/readers.py) that a few reader
+threads place at once, each tensor straight to its device and dtype (serve/loader/staging.py):
+on the CPU a tensor already stored in its target dtype stays a view of the file's mapping (no read,
+no copy); other tensors are copied, to an accelerator through pinned staging buffers on a side
+stream. Peak host memory is the loaded weights plus the pages of the units being read, never a
+state dict.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +26,8 @@ from serve.loader.build import ComponentClass, build_empty
 from serve.loader.config_check import open_component, shape_mismatch
 from serve.loader.errors import CheckpointError
 from serve.loader.index import CheckpointIndex, TensorInfo
+from serve.loader.readers import ReadUnit, default_readers, read_all, split_units
+from serve.loader.staging import Placer, StagedCopier, copy_to, zero_copy_or_copy
 
 if TYPE_CHECKING:
     from serve.quant.loading import QuantLoader
@@ -42,6 +48,10 @@ def load_component(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     quant: QuantConfig | None = None,
+    *,
+    readers: int | None = None,
+    zero_copy: bool = True,
+    staged: bool | None = None,
 ) -> nn.Module:
     """Load one component directory (`transformer/`, `vae/`, `text_encoder/`, ...) for inference.
 
@@ -50,6 +60,12 @@ def load_component(
     Raises `CheckpointError` naming the file and tensor when the directory does not match.
     With `quant`, eligible `nn.Linear` layers are quantized on the host as they are read (no float
     copy reaches the device); a pre-quantized checkpoint (`reelserve quantize`) is read as stored.
+
+    How bytes move (the module is the same bit for bit either way): `readers` threads read at once
+    (None: one per core, at most `readers.MAX_READERS`); `zero_copy` keeps CPU tensors whose stored
+    dtype is the target dtype as views of the file's mapping (see `staging.zero_copy_or_copy` for the
+    one condition it puts on the file); `staged` sends tensors through pinned staging buffers on a
+    side stream (None: on CUDA devices).
     """
     from serve.quant.loading import prepare_quant  # not at the top: serve.quant imports the loader
 
@@ -61,10 +77,43 @@ def load_component(
     plan = plan_load(module, index, quantized.derived() if quantized else frozenset())
     if quantized:
         quantized.check_plan(plan)
-    for path, items in plan.items():
-        _load_file(module, path, items, device, dtype, keep_fp32, quantized)
+    target = _Target(device, dtype, keep_fp32, quantized)
+    _read_units(module, split_units(plan, lambda item: item[0].nbytes), target, readers, zero_copy, staged)
     _finish(module, device, index)
     return module
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where and in what dtype a component's tensors go."""
+
+    device: torch.device
+    dtype: torch.dtype
+    keep_fp32: frozenset[str]
+    quantized: QuantLoader | None
+
+
+def _read_units(
+    module: nn.Module, units: list[ReadUnit], target: _Target, readers: int | None, zero_copy: bool, staged: bool | None
+) -> None:
+    """Every unit read by a pool of readers; with staging, each reader thread owns its staging buffers."""
+    readers = readers or default_readers(len(units))
+    if not (target.device.type == "cuda" if staged is None else staged):
+        place = zero_copy_or_copy if zero_copy else copy_to
+        read_all(lambda unit: _load_file(module, unit, target, place), units, readers)
+        return
+    copiers: dict[int, StagedCopier] = {}  # by reader thread; each thread only adds its own key
+
+    def copier() -> StagedCopier:
+        if threading.get_ident() not in copiers:
+            copiers[threading.get_ident()] = StagedCopier(target.device)
+        return copiers[threading.get_ident()]
+
+    try:
+        read_all(lambda unit: _load_file(module, unit, target, copier()), units, readers)
+    finally:
+        for each in copiers.values():
+            each.finish()
 
 
 def module_slots(module: nn.Module) -> dict[str, Slot]:
@@ -167,25 +216,14 @@ def target_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype, keep_fp32:
     return torch.float32 if keep_fp32.intersection(name.split(".")) else dtype
 
 
-def _load_file(
-    module: nn.Module,
-    path: Path,
-    items: list[tuple[TensorInfo, Slot]],
-    device: torch.device,
-    dtype: torch.dtype,
-    keep_fp32: frozenset[str],
-    quantized: QuantLoader | None = None,
-) -> None:
-    with safe_open(path, framework="pt", device="cpu") as f:
-        for info, slot in items:
-            stored = f.get_tensor(info.name)
-            if quantized is not None and quantized.fill(slot.names[0], stored, device):
+def _load_file(module: nn.Module, unit: ReadUnit, target: _Target, place: Placer) -> None:
+    with safe_open(unit.path, framework="pt", device="cpu") as f:
+        for info, slot in unit.items:
+            stored = f.get_tensor(info.name)  # a view of safetensors' private mmap of the file
+            if target.quantized is not None and target.quantized.fill(slot.names[0], stored, target.device):
                 continue
-            # copy=True: safetensors hands out views of a private mmap of the file; an owned copy
-            # lets the mapping go when the file is closed, and keeps weights off a file that could
-            # be replaced underneath us (SIGBUS). For a cast or a device move it is the one copy anyway.
-            target = target_dtype(slot.names[0], stored, dtype, keep_fp32)
-            tensor = stored.to(device=device, dtype=target, copy=True)
+            dtype = target_dtype(slot.names[0], stored, target.dtype, target.keep_fp32)
+            tensor = place(stored, target.device, dtype)
             del stored
             assign(module, slot, tensor)
 
