@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -55,13 +56,21 @@ class ChunkedVaeDecoder:
         self.config = config or VaeDecodeConfig()
         home = next(vae.decoder.parameters()).device
         self.devices = [torch.device(d) for d in devices] or [home]
-        self._replicas = {d: _replica(vae, d, home) for d in dict.fromkeys(self.devices)}
+        self._home = home
         self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
         self._patch = vae.config.patch_size or 1
         self._frames_per_latent = 2 ** sum(vae.config.temperal_downsample)
         threads = self.config.threads_per_worker or threads_per_worker(self.config.workers, self.devices)
         inline = self.config.workers == 1 and self.config.threads_per_worker is None
         self._pool = WorkerPool(self.config.workers, threads, inline)
+
+    @functools.cached_property
+    def _replicas(self) -> dict[torch.device, _Replica]:
+        """Built at the first decode, not at load: the oneDNN clone of a CPU decoder costs a deep copy
+        of its module tree (0.05 s of a bench-size load), which a worker that never decodes on this
+        object (a load benchmark, an overlap lane's copy) should not pay. First touched in the calling
+        thread (`iter_chunks`, `_decode_tile_major`), never racing between tile workers."""
+        return {d: _replica(self.vae, d, self._home) for d in dict.fromkeys(self.devices)}
 
     def grid(self, latent_height: int, latent_width: int) -> TileGrid:
         return plan_tiles(latent_height, latent_width, self.config, self.vae.spatial_compression_ratio, self._patch)
@@ -72,6 +81,7 @@ class ChunkedVaeDecoder:
         the first, 4 per latent frame after. In tile-major order all chunks come after the last tile, as
         views of one video tensor."""
         finish = _to_uint8_clamped if as_uint8 else _clamp
+        self._replicas  # noqa: B018 - built here, in the caller's thread, before any tile worker reads it
         if self.config.order == "tile-major":
             video, frames = self._decode_tile_major(z, finish)
             for t0, t1 in itertools.pairwise([0, *itertools.accumulate(frames)]):
@@ -97,6 +107,7 @@ class ChunkedVaeDecoder:
     def _decode_tile_major(self, z: torch.Tensor, finish: Finish) -> tuple[torch.Tensor, list[int]]:
         """(video, frames per chunk). Tiles go `workers` at a time over all chunks, so only their caches
         are alive, and each piece is blended into a `BlendedCanvas` as soon as it is decoded."""
+        self._replicas  # noqa: B018 - see iter_chunks
         grid = self.grid(z.shape[3], z.shape[4])
         bounds = chunk_bounds(z.shape[2], self.config.chunk_latent_frames)
         # The first latent frame decodes to one frame, every later one to `frames_per_latent`.
