@@ -26,7 +26,7 @@ from serve.pipeline.denoise import DenoiseStage
 from serve.pipeline.latents import initial_latents
 from serve.pipeline.step_cache import StepCache
 from serve.pipeline.text_encode import TextEncodeStage
-from serve.sampling.flow import Sampler, sampler_for
+from serve.sampling.flow import Sampler, sampler_for, step_all
 from serve.sampling.presets import apply_preset, get_preset
 
 StepCallback = Callable[[int, int], None]
@@ -170,8 +170,10 @@ class ModelRunner:
             self.residency.before_step(expert, after[0] if after else None)
         loras = [s.params.loras for s in states]
         velocity = self.denoise.predict(hidden, timesteps, embeds, guidance, expert, step_caches=caches, loras=loras)
-        for i, s in enumerate(states):
-            s.latents = s.sampler.step(velocity[i : i + 1], s.latents)
+        outputs = [velocity[i : i + 1] for i in range(len(states))]
+        stepped = step_all([s.sampler for s in states], outputs, [s.latents for s in states])
+        for s, latents in zip(states, stepped, strict=True):
+            s.latents = latents
             s.step += 1
 
     def decode_chunks(self, states: list[RequestState]) -> Iterator[np.ndarray]:
