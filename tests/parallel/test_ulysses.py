@@ -10,18 +10,28 @@ one process (tests/engine/test_batching_equivalence.py: batched BLAS blocking, ~
 import numpy as np
 import pytest
 
+from serve.config import ServerConfig
+from serve.engine.client import EngineClient
 from serve.pipeline.mp4 import decode_mp4
 from serve.worker.model_runner import ModelRunner
 from tests.engine.test_core import wait_until
-from tests.parallel.conftest import TIMEOUT_S, group_core, request
+from tests.parallel.conftest import TIMEOUT_S, request
 
 
 @pytest.fixture(scope="module")
 def core(tiny_model_dir):
-    engine = group_core(str(tiny_model_dir), [(2, 1)], max_batch_size=4, expert_policy="fcfs")
-    engine.start()
-    yield engine
-    engine.stop()
+    """Built as `reelserve serve --workers 2 --parallel ulysses=2` builds it (the group calibrates
+    the cost model at start, in lockstep); MP4s go to a fresh temporary directory."""
+    config = ServerConfig(
+        model_dir=tiny_model_dir,
+        workers={"count": 2, "parallel": "ulysses=2"},
+        scheduler={"max_batch_size": 4, "expert_policy": "fcfs"},
+    )
+    client = EngineClient(config)
+    assert [w.group.devices for w in client.core.executor.workers] == [("cpu", "cpu")]  # one logical worker
+    client.start()
+    yield client.core
+    client.stop()
 
 
 @pytest.fixture(scope="module")
