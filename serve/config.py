@@ -179,6 +179,14 @@ class ServerConfig(FrozenConfig):
         return self.served_model_name or (served_name(self.model_dir),)
 
     @model_validator(mode="after")
+    def _groups_run_without_the_step_cache(self) -> ServerConfig:
+        """Each rank of a group would judge "skip this block" from its own slice of the sequence,
+        and ranks that disagree wait on each other forever."""
+        if self.workers.degrees() != (1, 1) and self.sampling.step_cache_threshold is not None:
+            raise ValueError("--step-cache-threshold does not combine with --parallel; drop one of them")
+        return self
+
+    @model_validator(mode="after")
     def _one_weight_storage(self) -> ServerConfig:
         if self.quant.policy is not None and self.memory.weights_dtype != "bf16":
             raise ValueError("give --quant or --weights-dtype, not both (--quant sets the weight storage itself)")

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from models.inspect import main, write_header_fixture
+from serve.config import ServerConfig
 from serve.engine.config import WorkersConfig
 from serve.loader.memory_model import GIB, model_stats
 from serve.loader.planner import Budget, choose
@@ -70,3 +71,12 @@ def test_devices_split_into_groups():
 def test_a_bad_parallel_names_the_fix(given, message):
     with pytest.raises(ValidationError, match=message):
         WorkersConfig(**given)
+
+
+def test_the_step_cache_is_refused_in_a_group(tiny_model_dir):
+    with pytest.raises(ValidationError, match="--step-cache-threshold does not combine with --parallel"):
+        ServerConfig(
+            model_dir=tiny_model_dir,
+            workers={"count": 2, "parallel": "ulysses=2"},
+            sampling={"step_cache_threshold": 0.05},
+        )
