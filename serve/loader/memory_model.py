@@ -16,8 +16,10 @@ token and per hidden channel, read off the code line by line (flash attention: n
                      + the up-projection and its GELU
     residual    22 = input 2 + residual 2 + normed 2 + cross-attention output 2 + FFN output 2
                      + the fp32 path: residual.float() 4, ffn.float() 4, their gated product 4
-per row (CFG batched runs 2 rows, sequential 1), plus the fp32 RoPE table (cos and sin, head_dim
-each) shared by the rows and the text side (the projected prompt, cross-attention's k and v).
+per row (CFG batched runs 2 rows, sequential 1); with per-token timesteps (TI2V) also 16 for the
+model's timestep projection and 24 for each block's fp32 modulation (48 while the block's entry
+builds it); plus the fp32 RoPE table (cos and sin, head_dim each) shared by the rows and the text
+side (the projected prompt, cross-attention's k and v).
 With the block run in sequence chunks (`models/wan/chunked_block.py`) only the attention keeps its
 full-sequence size; the rest is divided by the chunk count. Checked against the live bytes of
 diffusers' Wan transformer on CPU (tests/memory/test_activation_model.py, bench/activation_memory.py).
@@ -67,6 +69,8 @@ class ModelStats:
     vae_scale_spatial: int
     vae_scale_temporal: int
     patch_size: tuple[int, int, int]
+    per_token_timesteps: bool = False
+    """TI2V: every latent token has its own timestep (the first frame's are 0)."""
 
     def tokens(self, height: int, width: int, frames: int) -> int:
         from models.wan.spec import latent_tokens
@@ -84,7 +88,8 @@ class ModelStats:
         cfg = self.experts[0].config
         hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
         tokens = -(-self.tokens(height, width, frames) // ulysses)  # uneven slices: the longest
-        return denoise_activation_bytes(tokens, hidden, cfg["ffn_dim"], cfg["attention_head_dim"], cfg_rows, chunks)
+        head_dim, per_token = cfg["attention_head_dim"], self.per_token_timesteps
+        return denoise_activation_bytes(tokens, hidden, cfg["ffn_dim"], head_dim, cfg_rows, chunks, per_token)
 
     def vae_decode_bytes(self, height: int, width: int) -> int:
         base = self.vae.config.get("decoder_base_dim") or self.vae.config.get("base_dim", 96)
@@ -98,25 +103,37 @@ BLOCK_INPUT = 2  # the bf16 hidden state the transformer's loop holds while a bl
 ROPE_TABLE = 2 * 4  # cos and sin, fp32, head_dim of each per token
 TEXT_TOKENS = 512  # Wan pads every prompt to 512 tokens
 TEXT_SIDE = 2 + 2 + 2  # per text token and channel: the projected prompt, cross-attention's k and v (bf16)
+# Per-token timesteps (TI2V): each token carries its own six modulation vectors.
+TIMESTEP_TABLE = 6 * 2 + 4  # the model's timestep projection (bf16) and time embedding (fp32), all blocks long
+BLOCK_MODULATION = 6 * 4  # the block's fp32 table + temb.float(), held through the block
+BLOCK_MODULATION_ENTRY = 2 * BLOCK_MODULATION  # while it is built: temb.float() and the sum
 
 
 def ffn_peak(hidden: int, ffn: int) -> float:
     return 8 + 4 * ffn / hidden
 
 
-def denoise_activation_bytes(tokens: int, hidden: int, ffn: int, head_dim: int, rows: int, chunks: int = 1) -> int:
+def denoise_activation_bytes(
+    tokens: int, hidden: int, ffn: int, head_dim: int, rows: int, chunks: int = 1, per_token_timesteps: bool = False
+) -> int:
     """Peak activation bytes of one transformer forward over `rows` rows of `tokens` tokens each.
 
     The one place the activation estimate lives: a sequence-parallel group passes the tokens each
     rank holds. `chunks` > 1: the block's token-wise work (modulation, fp32 residuals, cross-attention,
-    FFN) runs in sequence chunks, the self-attention still on the whole sequence."""
+    FFN) runs in sequence chunks, the self-attention still on the whole sequence. `per_token_timesteps`
+    (TI2V): every token has its own modulation, built in fp32 at each block's entry."""
+    held = BLOCK_MODULATION if per_token_timesteps else 0
+    entry = BLOCK_MODULATION_ENTRY if per_token_timesteps else 0
     if chunks <= 1:
-        per_token_channel = max(ATTENTION_PEAK, ffn_peak(hidden, ffn), RESIDUAL_PEAK)
+        block = max(ATTENTION_PEAK, ffn_peak(hidden, ffn), RESIDUAL_PEAK) + held
+        per_token_channel = max(block, BLOCK_INPUT + entry)
     else:
         # attention output and the assembled block output stay whole; one chunk's transients on top
         whole = BLOCK_INPUT + 2 + 2
-        chunk = max(RESIDUAL_PEAK, ffn_peak(hidden, ffn)) - BLOCK_INPUT
-        per_token_channel = max(ATTENTION_PEAK, whole + chunk / chunks)
+        chunk = max(RESIDUAL_PEAK, ffn_peak(hidden, ffn)) - BLOCK_INPUT + held
+        per_token_channel = max(ATTENTION_PEAK, whole + chunk / chunks, whole + entry / chunks)
+    if per_token_timesteps:
+        per_token_channel += TIMESTEP_TABLE
     text = rows * TEXT_TOKENS * hidden * TEXT_SIDE
     return int(rows * tokens * hidden * per_token_channel) + tokens * head_dim * ROPE_TABLE + text
 
@@ -178,4 +195,5 @@ def model_stats(model_dir: str | Path) -> ModelStats:
         spec.vae_scale_spatial,
         spec.vae_scale_temporal,
         spec.patch_size,
+        spec.expand_timesteps,
     )

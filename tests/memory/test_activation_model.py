@@ -3,8 +3,10 @@ own Wan transformer running on the CPU (bf16 activations, as on a GPU), and the 
 
 The transformer is A14B's block with fewer heads: head_dim 128 and the FFN/hidden ratio 2.7 of
 A14B, so the per-token-channel terms of the estimate are A14B's; 4096 tokens against 512 text
-tokens, so the text side (not modelled) stays small. Tolerance: the estimate must never be below the
-measurement (the planner would overcommit) and at most 10% above it (measured: 1-5% above).
+tokens. Tolerance: the estimate must never be below the measurement (the planner would overcommit)
+and at most 10% above it (measured: 3-9% above); with TI2V's per-token timesteps at most 15% above
+(measured: 5% whole, 10.5% chunked, where the estimate counts the block entry's fp32 modulation
+copies on top of the whole-sequence buffers).
 """
 
 import pytest
@@ -19,6 +21,7 @@ HEADS, HEAD_DIM, FFN = 4, 128, 1382  # hidden 512; 1382 / 512 = 13824 / 5120 (A1
 LATENT = (16, 4, 64, 64)  # 4 x 32 x 32 = 4096 tokens after the (1, 2, 2) patch
 TOKENS = 4 * 32 * 32
 HEADROOM = 1.10
+PER_TOKEN_HEADROOM = 1.15
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +34,15 @@ def transformer() -> torch.nn.Module:
     return model.to(torch.bfloat16).eval()
 
 
-@pytest.mark.parametrize(("rows", "chunks"), [(1, 1), (2, 1), (1, 4), (2, 4)])
-def test_estimate_bounds_the_measured_peak(transformer, rows, chunks) -> None:
+@pytest.mark.parametrize(
+    ("rows", "chunks", "per_token"),
+    [(1, 1, False), (2, 1, False), (1, 4, False), (2, 4, False), (1, 1, True), (1, 4, True)],
+)
+def test_estimate_bounds_the_measured_peak(transformer, rows, chunks, per_token) -> None:
+    timestep = torch.rand(rows, TOKENS) * 1000 if per_token else torch.full((rows,), 500.0)
     inputs = dict(
         hidden_states=torch.randn(rows, *LATENT, dtype=torch.bfloat16),
-        timestep=torch.full((rows,), 500.0),
+        timestep=timestep,
         encoder_hidden_states=torch.randn(rows, 512, 64, dtype=torch.bfloat16),
         return_dict=False,
     )
@@ -45,8 +52,9 @@ def test_estimate_bounds_the_measured_peak(transformer, rows, chunks) -> None:
             measured = peak_live_bytes(transformer, **inputs)
     finally:
         set_block_chunks(transformer, 1)
-    predicted = denoise_activation_bytes(TOKENS, HEADS * HEAD_DIM, FFN, HEAD_DIM, rows, chunks)
-    assert measured <= predicted <= HEADROOM * measured, (measured, predicted)
+    predicted = denoise_activation_bytes(TOKENS, HEADS * HEAD_DIM, FFN, HEAD_DIM, rows, chunks, per_token)
+    headroom = PER_TOKEN_HEADROOM if per_token else HEADROOM
+    assert measured <= predicted <= headroom * measured, (measured, predicted)
 
 
 def test_chunks_and_sequential_cfg_lower_the_estimate() -> None:
