@@ -45,8 +45,9 @@ def build_mesh(group: GroupArgs) -> DeviceMesh:
     return init_device_mesh(device_type, (group.cfg, 1, group.ulysses), mesh_dim_names=MESH_DIMS)
 
 
-def parallelize(runner: Any, group: GroupArgs) -> None:
-    """Split every expert's forward across the group (both A14B experts alike)."""
+def parallelize(runner: Any, group: GroupArgs, control: dist.ProcessGroup | None = None) -> bool:
+    """Split every expert's forward across the group (both A14B experts alike), and with `control`
+    the VAE decode's tiles; whether the tiles are spread (the decode is then a collective)."""
     if getattr(runner, "step_cache_threshold", None) is not None:
         # Each rank would judge "skip this block" from its own slice of the sequence, so ranks could
         # disagree and one would wait forever in a collective the others skipped.
@@ -57,6 +58,39 @@ def parallelize(runner: Any, group: GroupArgs) -> None:
             enable_ulysses(expert, mesh)
         if group.cfg > 1:
             CfgSplit(mesh["cfg"].get_group(), group.cfg).install(expert)
+    return control is not None and spread_vae_tiles(runner, control)
+
+
+def spread_vae_tiles(runner: Any, control: dist.ProcessGroup) -> bool:
+    """Decode the VAE's spatial tiles across the group (tile k on rank k mod n), when the decode is
+    tiled: the decoder's tile pool is swapped for one whose workers are the ranks."""
+    decoder = getattr(getattr(runner, "decode", None), "decoder", None)
+    config = getattr(decoder, "config", None)
+    if decoder is None or getattr(config, "tile_sample_size", None) is None:
+        return False
+    decoder._pool.close()  # its threads: the ranks are the workers now
+    decoder._pool = RankTilePool(control)
+    return True
+
+
+class RankTilePool:
+    """`serve.vae.parallel.WorkerPool`'s interface over the ranks of a group: job k always runs on
+    rank k mod n (a tile's causal cache stays where it was made), and every rank gets every result
+    (all-gathered through the host: tiles differ in shape at the edges)."""
+
+    def __init__(self, control: dist.ProcessGroup) -> None:
+        self.control = control
+        self.size, self.rank = dist.get_world_size(control), dist.get_rank(control)
+
+    def map(self, fn, items):
+        mine = {k: fn(0, item).cpu() for k, item in enumerate(items) if k % self.size == self.rank}
+        merged: dict[int, torch.Tensor] = {}
+        for part in gather(mine, self.control):
+            merged.update(part)
+        return [merged[k] for k in range(len(items))]
+
+    def close(self) -> None:
+        pass
 
 
 def enable_ulysses(model: torch.nn.Module, mesh: DeviceMesh) -> None:

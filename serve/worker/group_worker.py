@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import traceback
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -28,6 +29,7 @@ class GroupWorker(Worker):
         super().__init__(conn, args)  # type: ignore[arg-type]  # ranks other than 0 have no pipe
         self.group = group
         self.control: Any = None  # the gloo process group that carries messages
+        self.tiles_spread = False  # the VAE's tiles decode across the ranks (a collective)
 
     def load(self) -> bool:
         """Every rank loads the model and splits its experts; the group calibrates only when all
@@ -47,6 +49,8 @@ class GroupWorker(Worker):
         except Exception as e:
             log.error("calibration failed:\n%s", traceback.format_exc())
             return self._failed(f"rank {self.group.rank}: {_reason(e)}")
+        if self.tiles_spread:
+            log.info("VAE decode: tile k of every chunk on rank k mod %d", self.group.world_size)
         if self.group.leader:
             samples = tuple(tuple(s) for s in samples)
             self.conn.send(Ready(self.args.device, self.args.dtype, samples, memory_plan(self.runner)))
@@ -60,7 +64,7 @@ class GroupWorker(Worker):
             factory = import_object(self.args.runner_factory)
             options = dataclasses.replace(self.args.options, group=(self.group.ulysses, self.group.cfg))
             self.runner = factory(self.args.model_dir, self.group.device, self.args.dtype, options)
-            torch_group.parallelize(self.runner, self.group)
+            self.tiles_spread = torch_group.parallelize(self.runner, self.group, self.control)
         except Exception as e:
             log.error("rank %d failed to load the model:\n%s", self.group.rank, traceback.format_exc())
             return f"rank {self.group.rank} ({self.group.device}): {_reason(e)}"
@@ -84,9 +88,28 @@ class GroupWorker(Worker):
         return torch_group.broadcast(message, self.control)
 
     def decode(self, unit: DecodeUnit) -> UnitReport:
-        """Rank 0 decodes and stores the videos; the others only let the requests go."""
-        if self.group.leader:
+        """Rank 0 decodes and stores the videos; the others only let the requests go, or, when the
+        VAE's tiles are spread over the group, first decode their share of every chunk with it."""
+        if not self.tiles_spread:
+            return super().decode(unit) if self.group.leader else self._let_go(unit)
+        states = [self.states[rid] for rid in unit.request_ids]
+        try:
+            chunks = list(self.runner.decode_chunks(states))  # every rank, in lockstep
+        except Exception as e:
+            log.error("decode of %d request(s) failed:\n%s", len(states), traceback.format_exc())
+            self.free(unit.request_ids)
+            return UnitReport(unit.unit_id, failed=dict.fromkeys(unit.request_ids, _reason(e)))
+        if not self.group.leader:
+            return self._let_go(unit)
+        # The MP4s are written from the decoded frames, so a storage failure's retries (the
+        # worker's `_isolating`) decode nothing again and need no peer.
+        runner, self.runner = self.runner, _Decoded(self.runner, states, chunks)
+        try:
             return super().decode(unit)
+        finally:
+            self.runner = runner
+
+    def _let_go(self, unit: DecodeUnit) -> UnitReport:
         self.free(unit.request_ids)
         return UnitReport(unit.unit_id)
 
@@ -101,6 +124,21 @@ class GroupWorker(Worker):
                 report = self.run_unit(message)
                 if self.group.leader:
                     self.conn.send(report)
+
+
+class _Decoded:
+    """The runner, but `decode_chunks` of any of `states` reads the chunks decoded already."""
+
+    def __init__(self, runner: Any, states: list[Any], chunks: list[Any]) -> None:
+        self.runner, self.chunks = runner, chunks
+        self.rows = {id(s): i for i, s in enumerate(states)}
+
+    def decode_chunks(self, states: list[Any]) -> Iterator[Any]:
+        rows = [self.rows[id(s)] for s in states]
+        return (chunk[rows] for chunk in self.chunks)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
 
 
 def group_worker_main(conn: Connection | None, args: WorkerArgs, group: GroupArgs) -> None:

@@ -11,18 +11,22 @@ from serve.engine.executor import Executor
 from serve.engine.request import GenerationParams
 from serve.engine.scheduler import Scheduler, SchedulerConfig
 from serve.jobs.artifacts import ArtifactTarget
-from serve.worker.factory import WorkerArgs
+from serve.worker.factory import RunnerConfig, WorkerArgs
 from serve.worker.group_args import GroupArgs
 from tests.requests import tokens
 
 TIMEOUT_S = 300  # guards hangs only: four ranks share two cores
 
 
-def group_core(model_dir: str, groups: list[tuple[int, int] | None], **scheduler) -> EngineCore:
+def group_core(
+    model_dir: str, groups: list[tuple[int, int] | None], options: RunnerConfig | None = None, **scheduler
+) -> EngineCore:
     """An engine whose worker i is a group of ulysses x cfg CPU ranks (`groups[i]`), or one
     process (None); MP4s go to a fresh directory, never into `model_dir`."""
     outputs = {"scratch": ArtifactTarget(tempfile.mkdtemp(prefix="reelserve-test-outputs-"))}
-    args = WorkerArgs(model_dir, calibrate=False, torch_threads=1, outputs=tuple(outputs.items()))
+    args = WorkerArgs(
+        model_dir, options=options or RunnerConfig(), calibrate=False, torch_threads=1, outputs=tuple(outputs.items())
+    )
     group_args = [None if g is None else GroupArgs(("cpu",) * (g[0] * g[1]), g[0], g[1]) for g in groups]
     stores = {name: target.open() for name, target in outputs.items()}
     scheduler_ = Scheduler(SchedulerConfig(**scheduler), len(groups), tokens)
