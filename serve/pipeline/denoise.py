@@ -80,7 +80,10 @@ class DenoiseStage:
         """
         index = self.expert_index(float(timesteps[0])) if expert is None else expert
         model = self.experts[index]
-        dtype = next(model.parameters()).dtype
+        # diffusers' `ModelMixin.dtype`: the first floating parameter outside `_keep_in_fp32_modules`. The first
+        # parameter of a Wan transformer is `scale_shift_table`, kept fp32, so a bf16 model got fp32 inputs
+        # and its patch embedding refused them (found by bench/gpu_check.py --cpu).
+        dtype = model.dtype
         hidden, t = latents.to(dtype), timesteps.to(latents.device)
         embeds = embeds.to(dtype)
         if guidance is not None and self.cfg_mode == "sequential":
