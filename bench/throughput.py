@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shlex
 import socket
 import statistics
 import subprocess
@@ -80,6 +81,7 @@ def start_server(model: Path, args) -> tuple[subprocess.Popen, str]:
         str(args.workers),
         "--max-batch-size",
         str(args.requests),
+        *shlex.split(args.serve_flags),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -250,6 +252,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads of both sides (default: torch's, one per core)"
     )
+    parser.add_argument("--serve-flags", default="", help='more flags for `reelserve serve`: "--cfg-mode sequential"')
     args = parser.parse_args()
     if args.threads is not None:
         # Read by torch here and in the server and its workers (subprocesses inherit it). On a
@@ -257,15 +260,16 @@ def main() -> None:
         # two-thread forward of the tiny model tens of times slower than a one-thread one.
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     with checkpoint_or_tiny(args.model, size="tiny") as model:
-        # diffusers first and once loaded: its batch time sets the staggered schedule's horizon.
-        theirs = Diffusers(model, args)
-        rounds = [(theirs.batch(), theirs.loop()) for _ in range(args.repeats)]
-        del theirs
-        batch_s = statistics.median(b["total"] for b, _ in rounds)
-        arrivals = poisson_arrivals(args.requests, batch_s / 2, args.seed)
-        ours = Reelserve(model, args)
+        theirs, ours = Diffusers(model, args), Reelserve(model, args)
         try:
-            concurrent = [ours.concurrent() for _ in range(args.repeats)]
+            # Rounds alternate the columns, so load from other jobs on the machine hits all alike.
+            rounds, concurrent = [], []
+            for _ in range(args.repeats):
+                rounds.append((theirs.batch(), theirs.loop()))
+                concurrent.append(ours.concurrent())
+            # The measured batch time sets the staggered schedule's horizon.
+            batch_s = statistics.median(b["total"] for b, _ in rounds)
+            arrivals = poisson_arrivals(args.requests, batch_s / 2, args.seed)
             staggered = [ours.staggered(arrivals) for _ in range(args.repeats)]
         finally:
             ours.close()
@@ -279,7 +283,7 @@ def report(args, concurrent, rounds, staggered, arrivals) -> None:
     print(
         f"{n} requests of {args.size}x{args.size}, {args.frames} frames, {args.steps} steps, CFG; reelserve "
         f"workers: {args.workers}; cores: {os.cpu_count()}; torch threads: {args.threads or 'default'}; "
-        f"medians of {args.repeats} rounds"
+        f"medians of {args.repeats} rounds" + (f"; reelserve serve {args.serve_flags}" if args.serve_flags else "")
     )
     print(f"{'':22}{'reelserve':>12}{'diff. loop':>12}{'diff. batch':>12}{'vs loop':>9}{'vs batch':>9}")
     rpm = [60 * n / w for w in walls]
