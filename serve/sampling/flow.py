@@ -110,7 +110,8 @@ def _lockstep_key(sampler: Sampler) -> tuple | None:
 
 def _unipc_together(samplers: list[UniPCSampler], outputs: list[torch.Tensor], samples: list[torch.Tensor]):
     """One step of the first sampler's scheduler with every member's history stacked into it, then
-    each member's share of the new history handed back (views of the stacked tensors)."""
+    each member's share of the new history handed back (copies: a view would keep the whole
+    stack alive for as long as any member still holds it)."""
     schedulers = [s._scheduler for s in samplers]
     lead = schedulers[0]
     sizes = [o.shape[0] for o in outputs]
@@ -121,14 +122,18 @@ def _unipc_together(samplers: list[UniPCSampler], outputs: list[torch.Tensor], s
     if lead.last_sample is not None:
         lead.last_sample = torch.cat([s.last_sample for s in schedulers])
     stepped = samplers[0].step(torch.cat(outputs), torch.cat(samples))
-    histories = [[None] * len(sizes) if m is None else m.split(sizes) for m in lead.model_outputs]
-    last = lead.last_sample.split(sizes)
+    histories = [[None] * len(sizes) if m is None else _pieces(m, sizes) for m in lead.model_outputs]
+    last = _pieces(lead.last_sample, sizes)
     for j, s in enumerate(schedulers):
         s.model_outputs = [h[j] for h in histories]
         s.last_sample = last[j]
         s.timestep_list = list(lead.timestep_list)
         s.this_order, s.lower_order_nums, s._step_index = lead.this_order, lead.lower_order_nums, lead._step_index
-    return stepped.split(sizes)
+    return _pieces(stepped, sizes)
+
+
+def _pieces(stacked: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return [piece.clone() for piece in stacked.split(sizes)]
 
 
 def explicit_sampler(sigmas: list[float]) -> EulerSampler:
