@@ -9,9 +9,11 @@ checkpoint, steps and size, in one run, three ways:
 
 And a staggered scenario: the N requests arrive on a seeded Poisson schedule over the first half
 of the run (N arrival times drawn uniformly over [0, T/2] and sorted: a Poisson process given N
-arrivals; T is the measured diffusers batch time) and reelserve takes them in as they come,
+arrivals; T is diffusers' warm-up batch's time) and reelserve takes them in as they come,
 against a static batch that waits for all N and then runs diffusers' batch: its latency for each
-request is (last arrival - arrival) + the measured batch time, exact without sleeping it out.
+request is (last arrival - arrival) + that round's measured batch time, exact without sleeping
+it out. Every round runs all columns back to back, and the staggered ratios are taken round by
+round, so load from other jobs on a shared machine hits both sides of a ratio alike.
 
     python bench/throughput.py --steps 8                           # tiny checkpoint
     python bench/throughput.py --steps 40
@@ -163,7 +165,8 @@ class Diffusers:
         self.torch, self.args = torch, args
         self.pipe = WanPipeline.from_pretrained(model, dtype=torch.float32)
         self.pipe.set_progress_bar_config(disable=True)
-        self.batch()  # warm-up: first-call allocations at the batch's shapes
+        # Warm-up (first-call allocations); the batch's time also sets the staggered horizon.
+        self.warmup_batch_s = self.batch()["total"]
         self.one(WARMUP)
 
     def run(self, prompts: list[str], seeds: list[int]) -> dict[str, float]:
@@ -262,15 +265,14 @@ def main() -> None:
     with checkpoint_or_tiny(args.model, size="tiny") as model:
         theirs, ours = Diffusers(model, args), Reelserve(model, args)
         try:
-            # Rounds alternate the columns, so load from other jobs on the machine hits all alike.
-            rounds, concurrent = [], []
+            # Rounds alternate the columns, so load from other jobs on the machine hits all alike;
+            # each round's static batch is compared with that round's staggered run.
+            arrivals = poisson_arrivals(args.requests, theirs.warmup_batch_s / 2, args.seed)
+            rounds, concurrent, staggered = [], [], []
             for _ in range(args.repeats):
                 rounds.append((theirs.batch(), theirs.loop()))
                 concurrent.append(ours.concurrent())
-            # The measured batch time sets the staggered schedule's horizon.
-            batch_s = statistics.median(b["total"] for b, _ in rounds)
-            arrivals = poisson_arrivals(args.requests, batch_s / 2, args.seed)
-            staggered = [ours.staggered(arrivals) for _ in range(args.repeats)]
+                staggered.append(ours.staggered(arrivals))
         finally:
             ours.close()
     report(args, concurrent, rounds, staggered, arrivals)
@@ -308,18 +310,20 @@ def report(args, concurrent, rounds, staggered, arrivals) -> None:
     for name in (*STAGES, "total"):
         values = [ours_stages[name], loop_stages[name], batch_stages[name]]
         print(f"  {name:20}" + "".join(f"{x:12.3f}" for x in values))
-    static = [arrivals[-1] - a + batch_s for a in arrivals]
-    ours_lat = [statistics.median(s[i] for s in staggered) for i in range(n)]
     print(
-        f"staggered: arrivals (Poisson, seed {args.seed}) over the first {batch_s / 2:.2f}s: "
+        f"staggered: arrivals (Poisson, seed {args.seed}, over half the warm-up batch's time) at "
         + " ".join(f"{a:.2f}" for a in arrivals)
     )
     print(f"{'':22}{'reelserve':>12}{'static':>12}{'ratio':>9}")
     for name, pick in (("median latency (s)", statistics.median), ("mean latency (s)", statistics.mean)):
-        print(f"  {name:20}{pick(ours_lat):12.2f}{pick(static):12.2f}{pick(static) / pick(ours_lat):9.2f}")
-    ours_end = statistics.median(max(a + lat for a, lat in zip(arrivals, s, strict=True)) for s in staggered)
-    static_end = arrivals[-1] + batch_s
-    print(f"  {'last done (s)':20}{ours_end:12.2f}{static_end:12.2f}{static_end / ours_end:9.2f}")
+        ours = [pick(s) for s in staggered]
+        static = [pick([arrivals[-1] - a + b["total"] for a in arrivals]) for b, _ in rounds]
+        ratio = statistics.median(st / o for st, o in zip(static, ours, strict=True))  # round by round
+        print(f"  {name:20}{statistics.median(ours):12.2f}{statistics.median(static):12.2f}{ratio:9.2f}")
+    ours_end = [max(a + lat for a, lat in zip(arrivals, s, strict=True)) for s in staggered]
+    static_end = [arrivals[-1] + b["total"] for b, _ in rounds]
+    ratio = statistics.median(st / o for st, o in zip(static_end, ours_end, strict=True))
+    print(f"  {'last done (s)':20}{statistics.median(ours_end):12.2f}{statistics.median(static_end):12.2f}{ratio:9.2f}")
 
 
 if __name__ == "__main__":
