@@ -49,8 +49,6 @@ class GroupWorker(Worker):
         except Exception as e:
             log.error("calibration failed:\n%s", traceback.format_exc())
             return self._failed(f"rank {self.group.rank}: {_reason(e)}")
-        if self.tiles_spread:
-            log.info("VAE decode: tile k of every chunk on rank k mod %d", self.group.world_size)
         if self.group.leader:
             samples = tuple(tuple(s) for s in samples)
             self.conn.send(Ready(self.args.device, self.args.dtype, samples, memory_plan(self.runner)))
@@ -101,6 +99,7 @@ class GroupWorker(Worker):
             return UnitReport(unit.unit_id, failed=dict.fromkeys(unit.request_ids, _reason(e)))
         if not self.group.leader:
             return self._let_go(unit)
+        log.info("decoded %d video(s) with their VAE tiles spread over %d ranks", len(states), self.group.world_size)
         # The MP4s are written from the decoded frames, so a storage failure's retries (the
         # worker's `_isolating`) decode nothing again and need no peer.
         runner, self.runner = self.runner, _Decoded(self.runner, states, chunks)

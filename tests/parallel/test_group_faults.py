@@ -31,7 +31,7 @@ def in_step_on_group(core, request_id: str) -> bool:
 
 def test_a_killed_rank_restarts_its_group_and_the_other_worker_serves_on(core, tiny_model_dir, caplog):
     runner = ModelRunner.from_checkpoint(tiny_model_dir)
-    long_ones = [request(seed=20, steps=30), request(seed=21, steps=30, prompt="a blue dog")]
+    long_ones = [request(seed=20, steps=16), request(seed=21, steps=16, prompt="a blue dog")]
     ids_futures = [core.add_request(p) for p in long_ones]
     wait_until(lambda: all((core.request_state(i) or {}).get("worker") is not None for i, _ in ids_futures), TIMEOUT_S)
     on_group = next(k for k, (i, _) in enumerate(ids_futures) if core.request_state(i)["worker"] == 0)

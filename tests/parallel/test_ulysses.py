@@ -1,4 +1,5 @@
-"""A worker group of 2 ranks (Ulysses 2, gloo) against the same requests in one process.
+"""A worker group of 2 ranks (Ulysses 2, gloo) against the same requests in one process, with the
+VAE decoded in tiles spread over the ranks (tile k of each chunk on rank k mod 2, gathered).
 
 Tolerances: one request alone gives the single-process frames bit for bit (Ulysses slices the
 sequence and all-to-alls whole heads: every attention row sees the same keys in the same order;
@@ -13,9 +14,13 @@ import pytest
 from serve.config import ServerConfig
 from serve.engine.client import EngineClient
 from serve.pipeline.mp4 import decode_mp4
+from serve.vae.config import VaeDecodeConfig
 from serve.worker.model_runner import ModelRunner
 from tests.engine.test_core import wait_until
 from tests.parallel.conftest import TIMEOUT_S, request
+
+# 64x64 pixels = 8x8 latent: tiles of 4 latent pixels every 3 give a 3x3 grid, blended over 8 pixels.
+TILED = {"tile_sample_size": 32, "tile_sample_overlap": 8}
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +31,7 @@ def core(tiny_model_dir):
         model_dir=tiny_model_dir,
         workers={"count": 2, "parallel": "ulysses=2"},
         scheduler={"max_batch_size": 4, "expert_policy": "fcfs"},
+        vae=TILED,
     )
     client = EngineClient(config)
     assert [w.group.devices for w in client.core.executor.workers] == [("cpu", "cpu")]  # one logical worker
@@ -37,7 +43,7 @@ def core(tiny_model_dir):
 @pytest.fixture(scope="module")
 def alone(tiny_model_dir):
     """uint8 frames of a request run alone in this process (one rank, no group)."""
-    runner = ModelRunner.from_checkpoint(tiny_model_dir)
+    runner = ModelRunner.from_checkpoint(tiny_model_dir, vae_decode=VaeDecodeConfig(**TILED))
     return lambda params: runner.generate(params).frames
 
 
