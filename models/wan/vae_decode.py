@@ -60,8 +60,10 @@ class ChunkedVaeDecoder:
         self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
         self._patch = vae.config.patch_size or 1
         self._frames_per_latent = 2 ** sum(vae.config.temperal_downsample)
-        threads = self.config.threads_per_worker or threads_per_worker(self.config.workers, self.devices)
-        inline = self.config.workers == 1 and self.config.threads_per_worker is None
+        tiled_on_cpu = self.config.tiled and self.devices[0].type == "cpu"
+        threads = self.config.threads_per_worker or threads_per_worker(self.config.workers, self.devices, tiled_on_cpu)
+        # Inline (the caller's thread and thread count) only where the default thread count applies.
+        inline = self.config.workers == 1 and self.config.threads_per_worker is None and not tiled_on_cpu
         self._pool = WorkerPool(self.config.workers, threads, inline)
 
     @functools.cached_property

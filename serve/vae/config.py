@@ -36,10 +36,12 @@ class VaeDecodeConfig(FrozenConfig):
     """Tiles of a chunk decoded concurrently: threads on CPU, or one per device when given several."""
 
     threads_per_worker: int | None = Field(None, ge=1, json_schema_extra=flag("--vae-threads-per-worker"))
-    """Intra-op torch threads of each CPU worker thread; None splits the process's threads evenly. oneDNN
+    """Intra-op torch threads of each CPU worker thread; None splits the process's threads evenly between
+    untiled workers and gives each tile worker one (small ops lose more at OpenMP barriers than threads
+    gain: see `serve.vae.parallel.threads_per_worker`). oneDNN
     partitions a conv's sums by thread count, so outputs are bit-identical across worker counts only at
-    a fixed value (measured: 1 vs 2 threads differ by about 2e-6). Left None with one worker, decode runs in
-    the caller's thread with its thread count."""
+    a fixed value (measured: 1 vs 2 threads differ by about 2e-6). Left None with one worker and no tiles,
+    decode runs in the caller's thread with its thread count."""
 
     order: DecodeOrder = Field("chunk-major", json_schema_extra=flag("--vae-order"))
     """"chunk-major" (default): all tiles advance one temporal chunk together and each chunk is yielded as
