@@ -32,7 +32,7 @@ def load_components(
 
     from serve.loader import load_component
 
-    check_components(spec)
+    opened = check_components(spec)  # each component's config against its headers, once for all
     root = spec.model_dir
     # Offloaded components load on the host: the residency manager moves what the device may hold.
     host = torch.device("cpu")
@@ -40,25 +40,29 @@ def load_components(
     text_device = device if residency is None or residency.text_encoder == "device" else host
     return WanComponents(
         tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
-        text_encoder=load_component(root / "text_encoder", text_device, dtype),
+        text_encoder=load_component(root / "text_encoder", text_device, dtype, opened=opened["text_encoder"]),
         # The VAE stays fp32: diffusers' Wan docs recommend it, bf16 decode visibly degrades frames.
-        vae=load_component(root / "vae", device, torch.float32),
+        vae=load_component(root / "vae", device, torch.float32, opened=opened["vae"]),
         # Quantization is per expert (`--quant high=w8a8-int8,low=none`): each expert is quantized
         # while it streams in, so its float weights never sit on the device.
         experts=[
-            load_component(root / name, expert_device, dtype, quant=quant.for_expert(name) if quant else None)
+            load_component(
+                root / name, expert_device, dtype, quant.for_expert(name) if quant else None, opened=opened[name]
+            )
             for name in spec.expert_names
         ],
         scheduler_config=json.loads((root / "scheduler" / "scheduler_config.json").read_text()),
     )
 
 
-def check_components(spec: WanSpec) -> None:
+def check_components(spec: WanSpec) -> dict:
     """Every component's config.json against its headers before any module is built: a bad
-    transformer_2 config is refused in a second, not after the text encoder and VAE have loaded."""
+    transformer_2 config is refused in a second, not after the text encoder and VAE have loaded.
+    Returns what the loader needs of each (`load_component(..., opened=)`), so none is checked twice."""
     from serve.loader.config_check import open_components
 
-    open_components([spec.model_dir / name for name in ("text_encoder", "vae", *spec.expert_names)])
+    names = ("text_encoder", "vae", *spec.expert_names)
+    return dict(zip(names, open_components([spec.model_dir / name for name in names]), strict=True))
 
 
 def install_residency(

@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from serve.quant.schemes import QuantConfig
 
 
+OpenedComponent = tuple[ComponentClass, dict, CheckpointIndex]
+"""A component's class, config and index as `open_component` returns them, checked against each other."""
+
+
 @dataclass(frozen=True)
 class Slot:
     """One tensor of the module to fill. Tied parameters share one slot under several names."""
@@ -52,6 +56,7 @@ def load_component(
     readers: int | None = None,
     zero_copy: bool = True,
     staged: bool | None = None,
+    opened: OpenedComponent | None = None,
 ) -> nn.Module:
     """Load one component directory (`transformer/`, `vae/`, `text_encoder/`, ...) for inference.
 
@@ -65,12 +70,13 @@ def load_component(
     (None: one per core, at most `readers.MAX_READERS`); `zero_copy` keeps CPU tensors whose stored
     dtype is the target dtype as views of the file's mapping (see `staging.zero_copy_or_copy` for the
     one condition it puts on the file); `staged` sends tensors through pinned staging buffers on a
-    side stream (None: on CUDA devices).
+    side stream (None: on CUDA devices). `opened`: what `open_component(component_dir)` returned, when
+    the caller has already checked this directory (each check builds the module on meta once more).
     """
     from serve.quant.loading import prepare_quant  # not at the top: serve.quant imports the loader
 
     root, device = Path(component_dir), torch.device(device)
-    component, config, index = open_component(root)  # config vs headers first: nothing built yet
+    component, config, index = opened or open_component(root)  # config vs headers first: nothing built yet
     module = build_empty(component, config)
     keep_fp32 = fp32_module_names(component, module, dtype)
     quantized = prepare_quant(module, index, quant, keep_fp32, dtype)
