@@ -10,7 +10,6 @@ one torch-free sub-config per package, each declared once in its package and han
     sampling   serve/sampling/config.py  SamplingConfig      default preset, step cache
     vae        serve/vae/config.py       VaeDecodeConfig     tiled, chunked, parallel decode
     text       serve/pipeline/prompt_cache.py  TextEncodeConfig  the prompt-embedding cache
-    text       serve/pipeline/prompt_cache.py  TextEncodeConfig  the prompt-embedding cache
     memory     serve/loader/config.py    MemoryConfig        memory mode, weight storage, budgets
     jobs       serve/jobs/config.py      JobsConfig          job store, artifact store, claims
     access     serve/api/config.py       AccessConfig        API keys, connection timeouts
@@ -34,7 +33,6 @@ from serve.frozen import FrozenConfig, flag
 from serve.jobs.config import JobsConfig
 from serve.loader.config import MemoryConfig
 from serve.lora.config import LoraConfig
-from serve.pipeline.prompt_cache import TextEncodeConfig
 from serve.pipeline.prompt_cache import TextEncodeConfig
 from serve.quant.config import QuantizationConfig
 from serve.sampling.config import SamplingConfig
@@ -136,8 +134,6 @@ class ServerConfig(FrozenConfig):
     """Default preset and step cache of every request."""
     vae: VaeDecodeConfig = VaeDecodeConfig()
     """VAE decode tiling, chunking and parallelism."""
-    text: TextEncodeConfig = TextEncodeConfig()
-    """Text encoding: the prompt-embedding cache of each worker."""
     text: TextEncodeConfig = TextEncodeConfig()
     """Text encoding: the prompt-embedding cache of each worker."""
     memory: MemoryConfig = MemoryConfig()
