@@ -103,11 +103,13 @@ def _read_units(
     module: nn.Module, units: list[ReadUnit], target: _Target, readers: int | None, zero_copy: bool, staged: bool | None
 ) -> None:
     """Every unit read by a pool of readers; with staging, each reader thread owns its staging buffers."""
-    readers = readers or default_readers(len(units))
     if not (target.device.type == "cuda" if staged is None else staged):
         place = zero_copy_or_copy if zero_copy else copy_to
-        read_all(lambda unit: _load_file(module, unit, target, place), units, readers)
+        if readers is None and zero_copy and _copied_bytes(units, target) == 0:
+            readers = 1  # all views of the mapping: no bytes to share out, and starting threads is not free
+        read_all(lambda unit: _load_file(module, unit, target, place), units, readers or default_readers(len(units)))
         return
+    readers = readers or default_readers(len(units))
     copiers: dict[int, StagedCopier] = {}  # by reader thread; each thread only adds its own key
 
     def copier() -> StagedCopier:
@@ -120,6 +122,28 @@ def _read_units(
     finally:
         for each in copiers.values():
             each.finish()
+
+
+# safetensors dtype tags of the floating formats a module may be loaded in.
+FLOAT_TAGS = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+def _copied_bytes(units: list[ReadUnit], target: _Target) -> int:
+    """Bytes a zero-copy read on the CPU still copies: floating tensors stored in another dtype than their
+    target (`target_dtype`'s rule), anything on another device, anything a quantizer rewrites."""
+    if target.device.type != "cpu" or target.quantized is not None:
+        return sum(unit.nbytes for unit in units)
+    copied = 0
+    for unit in units:
+        for info, slot in unit.items:
+            stored = FLOAT_TAGS.get(info.dtype)
+            keep = target.keep_fp32.intersection(slot.names[0].split("."))
+            if stored is not None and stored != (torch.float32 if keep else target.dtype):
+                copied += info.nbytes
+    return copied
 
 
 def module_slots(module: nn.Module) -> dict[str, Slot]:

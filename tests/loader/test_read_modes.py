@@ -148,3 +148,15 @@ def test_a_reader_error_reaches_the_caller_after_every_reader_stopped():
     with pytest.raises(OSError, match="disk gone"):
         read_all(read, units, readers=2)
     assert sorted(finished) == ["x", "y", "z"]
+
+
+def test_an_all_zero_copy_load_starts_no_reader_threads_and_a_cast_does(tiny_model_dir, monkeypatch):
+    pools: list[int] = []
+    read = loader.read_all
+    monkeypatch.setattr(
+        loader, "read_all", lambda fn, units, readers: pools.append(readers) or read(fn, units, readers)
+    )
+    load_component(tiny_model_dir / "transformer")  # fp32 stored, fp32 wanted: nothing to copy
+    load_component(tiny_model_dir / "transformer", dtype=torch.bfloat16)
+    assert pools[0] == 1
+    assert pools[1] == loader.default_readers(10**6) and pools[1] >= 1
