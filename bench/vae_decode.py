@@ -41,6 +41,13 @@ CONFIGS: dict[str, dict] = {
     "tile-major 128/32, chunk 1, 2 threads": dict(TILE_128, order="tile-major", threads_per_worker=2),
     "tile-major 192/64, chunk 1": dict(tile_sample_size=192, tile_sample_overlap=64, order="tile-major"),
     "tile-major 64/16, chunk 1": dict(tile_sample_size=64, tile_sample_overlap=16, order="tile-major"),
+    # Two cores at about one 128 px tile's memory: two smaller tiles at once.
+    "tile-major 96/24, 2 workers (small tiles)": dict(
+        tile_sample_size=96, tile_sample_overlap=24, workers=2, order="tile-major"
+    ),
+    "tile-major 80/16, 2 workers (small tiles)": dict(
+        tile_sample_size=80, tile_sample_overlap=16, workers=2, order="tile-major"
+    ),
 }
 
 
