@@ -29,6 +29,8 @@ from pydantic import BaseModel
 # `name[a][b]`: the field, then one or more bracketed keys (empty: "the next item of a list").
 _BRACKETED = re.compile(r"([^\[\]]+)((?:\[[^\[\]]*\])+)")
 _KEY = re.compile(r"\[([^\[\]]*)\]")
+# A list index: ASCII digits, few enough for int() (str.isdigit() also takes "²", which int() refuses).
+_INDEX = re.compile(r"[0-9]{1,4}")
 JSON_EXAMPLE = '[{"name": "style", "scale": 0.8}]'
 
 
@@ -83,7 +85,7 @@ def _unflatten(name: str, items: list[tuple[list[str], str]]) -> object:
         raise field_error((name,), f"{name} is nested too deep for form keys; send {name} as one JSON part")
     if first == "":
         return _bracket_list(name, items)
-    if first.isdigit():
+    if _is_index(first):
         return _indexed_list(name, items)
     return _object(name, items)
 
@@ -113,7 +115,7 @@ def _bracket_list(name: str, items: list[tuple[list[str], str]]) -> list:
 
 def _indexed_list(name: str, items: list[tuple[list[str], str]]) -> list:
     """`x[0][a]=1 x[1][a]=2` -> [{a: 1}, {a: 2}]; `x[0]=1 x[1]=2` -> ["1", "2"]."""
-    if any(not keys[0].isdigit() for keys, _ in items):
+    if any(not _is_index(keys[0]) for keys, _ in items):
         raise field_error((name,), f"{name}[N] and {name}[key] parts are mixed; send {name} as one JSON part")
     entries: dict[int, object] = {}
     for keys, value in items:
@@ -136,12 +138,16 @@ def _object(name: str, items: list[tuple[list[str], str]]) -> dict:
     """`x[a]=1 x[b]=2` -> {a: 1, b: 2}."""
     fields: dict[str, str] = {}
     for keys, value in items:
-        if len(keys) > 1 or keys[0] == "" or keys[0].isdigit():
+        if len(keys) > 1 or keys[0] == "" or keys[0][:1].isdigit():
             raise field_error((name,), f"{name}: its parts mix [key] with other forms; send {name} as one JSON part")
         if keys[0] in fields:
             raise field_error((name, keys[0]), f"{name}[{keys[0]}] is given more than once")
         fields[keys[0]] = value
     return fields
+
+
+def _is_index(key: str) -> bool:
+    return _INDEX.fullmatch(key) is not None
 
 
 def field_error(loc: tuple, message: str) -> RequestValidationError:
