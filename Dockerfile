@@ -38,7 +38,9 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"]
 
-# Settings as flags after the image name, as REELSERVE_* variables (docker run -e), or in a file:
-# -v ./serve.yaml:/etc/reelserve.yaml:ro -e REELSERVE_CONFIG=/etc/reelserve.yaml (README: Operating it).
-ENTRYPOINT ["reelserve", "serve", "--host", "0.0.0.0", "--port", "8000"]
-CMD ["--model", "/models/Wan2.2-T2V-A14B-Diffusers", "--device", "cuda:0"]
+# The image's defaults (host, port, model, device) are a settings file, the lowest layer, not flags: so
+# REELSERVE_* variables (docker run -e) and flags after the image name both override them, and a
+# mounted file replaces them (-v ./serve.yaml:/etc/reelserve.yaml:ro -e REELSERVE_CONFIG=/etc/reelserve.yaml).
+COPY deploy/serve.yaml /etc/reelserve/serve.yaml
+ENV REELSERVE_CONFIG=/etc/reelserve/serve.yaml
+ENTRYPOINT ["reelserve", "serve"]

@@ -166,3 +166,19 @@ def test_a_misspelt_variable_is_warned_about(tiny_model_dir, capsys):
     err = capsys.readouterr().err
     assert "REELSERVE_MAX_QEUE is not a setting and is ignored; did you mean REELSERVE_MAX_QUEUE?" in err
     assert "FAKE_LOAD" not in err  # far from every setting: another tool's variable, not a typo
+
+
+def test_the_images_defaults_are_a_file_that_variables_and_flags_override(tiny_model_dir):
+    """The Docker image's host/port/model/device come from deploy/serve.yaml (REELSERVE_CONFIG), not
+    from flags baked into its ENTRYPOINT/CMD, which would beat `docker run -e REELSERVE_...`."""
+    root = Path(__file__).resolve().parents[1]
+    dockerfile = (root / "Dockerfile").read_text()
+    assert "COPY deploy/serve.yaml /etc/reelserve/serve.yaml" in dockerfile
+    assert "ENV REELSERVE_CONFIG=/etc/reelserve/serve.yaml" in dockerfile
+    assert 'ENTRYPOINT ["reelserve", "serve"]' in dockerfile and "\nCMD " not in dockerfile
+    env = {"REELSERVE_CONFIG": str(root / "deploy/serve.yaml"), "REELSERVE_DEVICE": "cpu:0"}
+    # --model on the command line (the image's /models path does not exist here), the device from the
+    # environment, host and port from the image's file.
+    config = config_of(tiny_model_dir, env=env)
+    assert (config.host, config.port, config.workers.device) == ("0.0.0.0", 8000, "cpu:0")
+    assert config.model_dir == tiny_model_dir
