@@ -41,6 +41,9 @@ class DenoiseStage:
         self.block_chunker = block_chunker
         self.lora_registry: LoraRegistry | None = None  # set by the runner when per-request LoRAs are allowed
         self.cfg_mode = "batched"  # set by the worker from the memory plan
+        # A worker group's CFG split (serve/worker/group.py `CfgSplit.local_rows`): of a forward of
+        # n rows, the slice this rank runs (None: all). The LoRA hooks see only those rows.
+        self.local_rows: Callable[[int], slice | None] | None = None
 
     def set_activation_plan(self, cfg_mode: str, block_chunks: int) -> None:
         """How the memory plan runs CFG ("batched" or "sequential") and how many sequence chunks each
@@ -123,4 +126,6 @@ class DenoiseStage:
         if self.lora_registry is None:
             raise ValueError("this server applies no per-request LoRAs; start it with --lora-dir")
         per_sample = [self.lora_registry.for_expert(s, expert) for s in loras]
-        return [per_sample[row % len(per_sample)] for row in range(num_rows)]
+        rows = [per_sample[row % len(per_sample)] for row in range(num_rows)]
+        mine = self.local_rows(num_rows) if self.local_rows is not None else None
+        return rows if mine is None else rows[mine]

@@ -57,7 +57,9 @@ def parallelize(runner: Any, group: GroupArgs, control: dist.ProcessGroup | None
         if group.ulysses > 1:
             enable_ulysses(expert, mesh)
         if group.cfg > 1:
-            CfgSplit(mesh["cfg"].get_group(), group.cfg).install(expert)
+            split = CfgSplit(mesh["cfg"].get_group(), group.cfg)
+            split.install(expert)
+            runner.denoise.local_rows = split.local_rows  # per-request LoRAs: the rows this rank runs
     return control is not None and spread_vae_tiles(runner, control)
 
 
@@ -156,13 +158,20 @@ class CfgSplit:
         model.register_forward_pre_hook(self.before, with_kwargs=True)
         model.register_forward_hook(self.after, with_kwargs=True)
 
-    def before(self, module, args, kwargs):
-        rows = kwargs["hidden_states"].shape[0]
-        self.split = rows % self.degree == 0 and rows >= self.degree
-        if not self.split:
+    def local_rows(self, rows: int) -> slice | None:
+        """Of a forward of `rows` rows, the ones this rank runs (None: all of them). The denoiser
+        builds its per-request LoRA rows from the same slice, so the hooks index local rows."""
+        if rows % self.degree != 0 or rows < self.degree:
             return None
         part = rows // self.degree
-        mine = slice(self.index * part, (self.index + 1) * part)
+        return slice(self.index * part, (self.index + 1) * part)
+
+    def before(self, module, args, kwargs):
+        rows = kwargs["hidden_states"].shape[0]
+        mine = self.local_rows(rows)
+        self.split = mine is not None
+        if mine is None:
+            return None
         return args, {k: v[mine] if _has_rows(v, rows) else v for k, v in kwargs.items()}
 
     def after(self, module, args, kwargs, output):
