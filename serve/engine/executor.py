@@ -137,11 +137,38 @@ class Executor:
         return procs[0], procs[1:]
 
     def _await_ready(self, w: WorkerHandle) -> None:
-        """Block until `w` has loaded (at start, before the engine loop runs)."""
-        if not w.conn.poll(self.start_timeout_s):
-            self._kill(w)
-            raise self._too_slow(w)
+        """Block until `w` has loaded (at start, before the engine loop runs), or until one of its
+        processes exits: a group's peer that dies leaves rank 0 waiting in a collective."""
+        deadline = time.monotonic() + self.start_timeout_s
+        while not w.conn.poll(0):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._kill(w)
+                raise self._too_slow(w)
+            wait([w.conn, *(p.sentinel for p in w.processes())], left)
+            self._check_loading_processes(w, grace_s=self._LOAD_FAILED_GRACE_S)
         self._take_in(w)
+
+    _LOAD_FAILED_GRACE_S = 5.0
+    """How long rank 0 may take to report a peer's load failure after the peer exited."""
+
+    def _check_loading_processes(self, w: WorkerHandle, grace_s: float = 0.0) -> None:
+        """While `w` loads: if one of its processes has exited and no message is waiting, kill the
+        rest and fail the load naming the rank, its device and its exit code. Rank 0 reports a
+        failure it knows of (its peers wait for that at a barrier before they exit); `grace_s` lets
+        that message arrive at start-up; a restart (engine thread) does not block for it."""
+        if w.group is None or not self._exited(w.processes()) or w.conn.poll(grace_s):
+            return
+        rank, proc = self._blamed_rank(w)
+        self._kill(w)
+        raise WorkerStartError(
+            f"{w.where}: rank {rank} on {w.group.devices[rank]} exited (code {proc.exitcode}) while loading; "
+            "the group was stopped; see that rank's log"
+        )
+
+    @staticmethod
+    def _exited(procs: list[mp.process.BaseProcess]) -> list[mp.process.BaseProcess]:
+        return [p for p in procs if wait([p.sentinel], timeout=0)]
 
     def _too_slow(self, w: WorkerHandle) -> WorkerStartError:
         return WorkerStartError(
@@ -180,6 +207,7 @@ class Executor:
             if w.loading_since is None:
                 continue
             try:
+                self._check_loading_processes(w)
                 if w.conn.poll():
                     self._take_in(w)
                 elif now - w.loading_since > self.start_timeout_s:
@@ -269,7 +297,8 @@ class Executor:
     def poll(self, timeout: float) -> list[UnitOutcome | WorkerDied]:
         """Wait up to `timeout` for any worker to report; return finished units and deaths."""
         live = [w for w in self.workers if w.ready]
-        loading = [w.conn for w in self.workers if w.loading_since is not None]  # wake up for their Ready
+        # wake up for their Ready, or a rank's death while loading
+        loading = [x for w in self.workers if w.loading_since is not None for x in (w.conn, *self._sentinels(w))]
         wait([x for w in live for x in (w.conn, *(p.sentinel for p in w.processes()))] + loading, timeout)
         events: list[UnitOutcome | WorkerDied] = []
         for w in live:
@@ -309,11 +338,24 @@ class Executor:
         return WorkerDied(w.index, reason)
 
     @staticmethod
-    def _group_death(w: WorkerHandle) -> str:
-        """Which rank died (the lowest of those gone: the others are alive, or died of its death).
-        A process's sentinel fires before it can be reaped, hence the join for its exit code."""
-        rank, proc = next((r, p) for r, p in enumerate(w.processes()) if wait([p.sentinel], timeout=0))
-        proc.join()
+    def _sentinels(w: WorkerHandle) -> list[int]:
+        """A loading group's processes (a single worker's death shows as EOF on its pipe)."""
+        return [p.sentinel for p in w.processes()] if w.group is not None else []
+
+    @classmethod
+    def _blamed_rank(cls, w: WorkerHandle) -> tuple[int, mp.process.BaseProcess]:
+        """The rank whose death is the cause, of those gone: one killed by a signal (exit code < 0:
+        the others died of its death, in a collective that broke), else one that exited with an
+        error, else the lowest. A sentinel fires before the process can be reaped, hence the join."""
+        gone = [(r, p) for r, p in enumerate(w.processes()) if wait([p.sentinel], timeout=0)]
+        for _, proc in gone:
+            proc.join()
+        return min(gone, key=lambda rp: (not rp[1].exitcode or rp[1].exitcode > 0, rp[1].exitcode == 0, rp[0]))
+
+    @classmethod
+    def _group_death(cls, w: WorkerHandle) -> str:
+        """Which rank died (`_blamed_rank`), for the requests it held."""
+        rank, proc = cls._blamed_rank(w)
         return (
             f"worker process died (worker group {w.index}: rank {rank} on {w.group.devices[rank]}, "
             f"exit code {proc.exitcode}; the group restarts as a whole) while holding this request"

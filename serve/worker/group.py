@@ -205,6 +205,10 @@ def gather(value: Any, control: dist.ProcessGroup) -> list[Any]:
     return out
 
 
+def barrier(control: dist.ProcessGroup) -> None:
+    dist.barrier(group=control)
+
+
 def leave() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

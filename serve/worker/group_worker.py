@@ -8,8 +8,10 @@ the executor watches every rank's process, so a rank's death takes the whole gro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import sys
 import traceback
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
@@ -41,9 +43,15 @@ class GroupWorker(Worker):
         except Exception as e:  # no group to tell: rank 0 reports, the others just exit
             return self._failed(f"rank {self.group.rank} could not join its group: {_reason(e)}")
         error = self._build()
-        errors = [e for e in torch_group.gather(error, self.control) if e is not None]
+        try:
+            errors = [e for e in torch_group.gather(error, self.control) if e is not None]
+        except Exception as e:  # a peer died while loading: say so, rather than exit without a word
+            return self._failed(error or f"rank {self.group.rank} lost its group while loading: {_reason(e)}")
         if errors:
-            return self._failed(errors[0])
+            self._failed(errors[0])
+            with contextlib.suppress(Exception):  # peers exit after rank 0 has told why, not before
+                torch_group.barrier(self.control)
+            return False
         try:
             samples = self.runner.calibrate() if self.args.calibrate else []
         except Exception as e:
@@ -150,8 +158,11 @@ def group_worker_main(conn: Connection | None, args: WorkerArgs, group: GroupArg
 
         torch.set_num_threads(args.torch_threads)
     worker = GroupWorker(conn, args, group)
-    if worker.load():
+    loaded = worker.load()
+    if loaded:
         worker.serve()
     torch_group.leave()
     if conn is not None:
         conn.close()
+    if not loaded:
+        sys.exit(1)  # the executor, watching every rank while the group loads, sees a failed rank

@@ -8,7 +8,10 @@ import signal
 import numpy as np
 import pytest
 
+from serve.engine.executor import Executor, WorkerHandle, WorkerStartError
 from serve.pipeline.mp4 import decode_mp4
+from serve.worker.factory import WorkerArgs
+from serve.worker.group_args import GroupArgs
 from serve.worker.model_runner import ModelRunner
 from tests.engine.test_core import wait_until
 from tests.parallel.conftest import TIMEOUT_S, group_core, request
@@ -50,3 +53,38 @@ def test_a_killed_rank_restarts_its_group_and_the_other_worker_serves_on(core, t
     after = [core.add_request(request(seed=30 + k)) for k in range(2)]  # one per worker: each holds one
     traces = [future.result(TIMEOUT_S).trace for _, future in after]
     assert any({w for _, w, _ in t} == {0} for t in traces)  # the restarted group served one of them
+
+
+def test_a_rank_that_dies_while_loading_fails_the_start_at_once_naming_it(tiny_model_dir):
+    """Rank 1 cannot join (no such device on this host) and exits; rank 0 would wait for it at the
+    rendezvous for the group's whole timeout: the executor watches every rank while loading."""
+    args = WorkerArgs(str(tiny_model_dir), calibrate=False, torch_threads=1)
+    executor = Executor([args], start_timeout_s=TIMEOUT_S, groups=[GroupArgs(("cpu", "cuda:7"), 2, 1)])
+    with pytest.raises(WorkerStartError, match=r"rank 1 on cuda:7 exited \(code 1\) while loading"):
+        executor.start()
+    assert not any(p.is_alive() for p in executor.workers[0].processes())
+
+
+class _Ended:
+    """A process that has ended with `exitcode` (its sentinel is readable), or runs on (None)."""
+
+    def __init__(self, exitcode: int | None) -> None:
+        read, write = os.pipe()
+        if exitcode is not None:
+            os.close(write)  # EOF: readable, as an ended process's sentinel is
+        self.sentinel, self.exitcode = read, exitcode
+
+    def join(self, timeout=None) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("codes", "blamed"),
+    [((1, -9, None), 1), ((1, 0, -15), 2), ((0, 1, None), 1), ((None, 0, 0), 1)],
+)
+def test_a_group_death_blames_a_killed_rank_else_one_that_failed(codes, blamed):
+    """Rank 0 dying of a collective broken by rank 1's SIGKILL is not the cause."""
+    procs = [_Ended(code) for code in codes]
+    w = WorkerHandle(0, WorkerArgs("m"), proc=procs[0], peers=procs[1:], group=GroupArgs(("cpu",) * 3, 3, 1))
+    rank, _ = Executor._blamed_rank(w)
+    assert rank == blamed
