@@ -10,15 +10,14 @@ import pytest
 
 from serve.pipeline.mp4 import decode_mp4
 from serve.worker.model_runner import ModelRunner
-from tests.engine.test_core import wait_until
-from tests.parallel.conftest import TIMEOUT_S, group_core, request
+from tests.parallel.conftest import TIMEOUT_S, check_batch_at_different_steps, group_core, request
 
 LEVELS = 1
 
 
 @pytest.fixture(scope="module")
-def core(tiny_model_dir):
-    engine = group_core(str(tiny_model_dir), [(2, 2)], max_batch_size=4, expert_policy="fcfs")
+def core(tiny_model_dir, outputs_dir):
+    engine = group_core(str(tiny_model_dir), [(2, 2)], outputs_dir, max_batch_size=4, expert_policy="fcfs")
     engine.start()
     yield engine
     engine.stop()
@@ -41,11 +40,4 @@ def test_one_request_and_an_odd_length_match_one_process(core, alone):
 
 
 def test_a_batch_at_different_steps_matches_each_alone(core, alone):
-    first, second = request(seed=5, steps=10), request(seed=6, steps=10, prompt="a blue dog")
-    first_id, first_future = core.add_request(first)
-    wait_until(lambda: (core.request_state(first_id) or {}).get("step", 0) >= 1, TIMEOUT_S)
-    _, second_future = core.add_request(second)
-    results = {"first": first_future.result(TIMEOUT_S), "second": second_future.result(TIMEOUT_S)}
-    assert ("denoise", 0, 2) in results["second"].trace  # 4 rows (2 cond, 2 uncond) split 2 + 2
-    for name, p in (("first", first), ("second", second)):
-        assert np.abs(decoded(results[name]) - alone(p)).max() <= LEVELS, name
+    check_batch_at_different_steps(core, alone, LEVELS)  # 4 rows (2 cond, 2 uncond) split 2 + 2

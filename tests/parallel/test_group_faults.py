@@ -18,9 +18,9 @@ from tests.parallel.conftest import TIMEOUT_S, group_core, request
 
 
 @pytest.fixture
-def core(tiny_model_dir):
+def core(tiny_model_dir, outputs_dir):
     """Worker 0: a group of two ranks (Ulysses 2); worker 1: one process. One request each at a time."""
-    engine = group_core(str(tiny_model_dir), [(2, 1), None], max_running_per_worker=1, max_batch_size=1)
+    engine = group_core(str(tiny_model_dir), [(2, 1), None], outputs_dir, max_running_per_worker=1, max_batch_size=1)
     engine.start()
     yield engine
     engine.stop()

@@ -31,7 +31,7 @@ def test_image_request_in_a_group_matches_one_process(tmp_path, capfd, layout, d
     model_dir = str(write_tiny_checkpoint(tmp_path / layout, layout=layout))
     p = dataclasses.replace(request(seed=8), image=make_condition_image(64, 64, square_rgb=(40, 200, 60)))
     alone = ModelRunner.from_checkpoint(model_dir, vae_decode=vae).generate(p).frames.astype(int)
-    core = group_core(model_dir, [degrees], RunnerConfig(vae=vae))
+    core = group_core(model_dir, [degrees], str(tmp_path / "outputs"), RunnerConfig(vae=vae))
     core.start()
     try:
         got = decode_mp4(core.add_request(p)[1].result(TIMEOUT_S).mp4)[0].astype(int)
