@@ -40,6 +40,12 @@ def join(group: GroupArgs) -> dist.ProcessGroup:
     return dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
 
 
+def agreement_group(group: GroupArgs) -> dist.ProcessGroup:
+    """A gloo group of its own for comparing how each unit went, with a timeout of its own
+    (`GroupArgs.agree_timeout_s`): a rank that waits there for a peer stuck elsewhere gives up."""
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=group.agree_timeout_s))
+
+
 def build_mesh(group: GroupArgs) -> DeviceMesh:
     device_type = torch.device(group.device).type
     return init_device_mesh(device_type, (group.cfg, 1, group.ulysses), mesh_dim_names=MESH_DIMS)

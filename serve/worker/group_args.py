@@ -31,6 +31,10 @@ class GroupArgs:
     timeout_s: float = 600.0
     """How long a collective may wait for a peer before it fails (a dead peer's group is killed
     long before by the executor, which watches every rank's process)."""
+    agree_timeout_s: float = 120.0
+    """How long a rank waits for the others to compare how a unit went (`GroupWorker.agree`): the
+    ranks end a unit within moments of each other, unless one is stuck in a collective that a
+    rank which raised alone never joins; then the group exits and the executor restarts it."""
 
     def __post_init__(self) -> None:
         if self.ulysses * self.cfg != len(self.devices):

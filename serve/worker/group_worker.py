@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NoReturn
 
 from serve.engine.messages import DecodeUnit, Free, LoadFailed, Ready, Shutdown, UnitReport
 from serve.logs import configure_logging
@@ -32,6 +33,9 @@ class GroupWorker(Worker):
         self.group = group
         self.control: Any = None  # the gloo process group that carries messages
         self.tiles_spread = False  # the VAE's tiles decode across the ranks (a collective)
+        self.agreement: Any = None  # the gloo group on which the ranks compare each unit's outcome
+        self.alone = False  # rank 0 decodes and stores by itself: its retries need no peer
+        self.fault = _test_fault(group.rank)
 
     def load(self) -> bool:
         """Every rank loads the model and splits its experts; the group calibrates only when all
@@ -40,6 +44,7 @@ class GroupWorker(Worker):
 
         try:
             self.control = torch_group.join(self.group)
+            self.agreement = torch_group.agreement_group(self.group)
         except Exception as e:  # no group to tell: rank 0 reports, the others just exit
             return self._failed(f"rank {self.group.rank} could not join its group: {_reason(e)}")
         error = self._build()
@@ -93,18 +98,58 @@ class GroupWorker(Worker):
                 message = Shutdown()
         return torch_group.broadcast(message, self.control)
 
+    def agree(self, outcome: Any) -> None:
+        """Every rank's `outcome` of the same work must be equal: a rank that raised alone has
+        states that differ from its peers', or left them waiting in a collective it never joined.
+        If not (or a peer does not answer within `agree_timeout_s`), every rank exits non-zero and
+        the executor restarts the group; its requests are retried from their seed (engine rule)."""
+        from serve.worker import group as torch_group
+
+        try:
+            outcomes = torch_group.gather(outcome, self.agreement)
+        except Exception as e:
+            _exit_out_of_step(f"rank {self.group.rank} got no answer from its peers ({_reason(e)}); it had {outcome}")
+        if any(o != outcomes[0] for o in outcomes):
+            _exit_out_of_step(f"the ranks' outcomes of one unit differ, rank by rank: {outcomes}")
+
+    def _isolating(self, ids, run, params, pending, reason=_reason):
+        """The worker's isolating retries, but a try that raised is compared across the ranks first:
+        the group retries together only when every rank raised at the same try."""
+        if self.alone:
+            return super()._isolating(ids, run, params, pending, reason)
+
+        def together(part: list[str]) -> None:
+            try:
+                run(part)
+                if self.fault is not None and any(params[rid].prompt == self.fault for rid in part):
+                    _fire_test_fault()
+            except Exception:
+                self.agree(("raised", run.__name__, tuple(part)))
+                raise
+
+        together.__name__ = run.__name__
+        return super()._isolating(ids, together, params, pending, reason)
+
+    def run_unit(self, unit: Any) -> UnitReport:
+        report = super().run_unit(unit)
+        if not isinstance(unit, DecodeUnit):  # a decode's storage is rank 0's alone
+            self.agree(("done", tuple(sorted(report.failed))))
+        return report
+
     def decode(self, unit: DecodeUnit) -> UnitReport:
         """Rank 0 decodes and stores the videos; the others only let the requests go, or, when the
         VAE's tiles are spread over the group, first decode their share of every chunk with it."""
         if not self.tiles_spread:
-            return super().decode(unit) if self.group.leader else self._let_go(unit)
+            return self._decode_alone(unit) if self.group.leader else self._let_go(unit)
         states = [self.states[rid] for rid in unit.request_ids]
         try:
             chunks = list(self.runner.decode_chunks(states))  # every rank, in lockstep
         except Exception as e:
             log.error("decode of %d request(s) failed:\n%s", len(states), traceback.format_exc())
+            self.agree(("decode raised",))
             self.free(unit.request_ids)
             return UnitReport(unit.unit_id, failed=dict.fromkeys(unit.request_ids, _reason(e)))
+        self.agree(("decoded",))
         if not self.group.leader:
             return self._let_go(unit)
         log.info("decoded %d video(s) with their VAE tiles spread over %d ranks", len(states), self.group.world_size)
@@ -112,9 +157,16 @@ class GroupWorker(Worker):
         # worker's `_isolating`) decode nothing again and need no peer.
         runner, self.runner = self.runner, _Decoded(self.runner, states, chunks)
         try:
-            return super().decode(unit)
+            return self._decode_alone(unit)
         finally:
             self.runner = runner
+
+    def _decode_alone(self, unit: DecodeUnit) -> UnitReport:
+        self.alone = True
+        try:
+            return super().decode(unit)
+        finally:
+            self.alone = False
 
     def _let_go(self, unit: DecodeUnit) -> UnitReport:
         self.free(unit.request_ids)
@@ -131,6 +183,33 @@ class GroupWorker(Worker):
                 report = self.run_unit(message)
                 if self.group.leader:
                     self.conn.send(report)
+
+
+def _exit_out_of_step(why: str) -> NoReturn:
+    """Leave the group at once: its collectives are out of step, and only a restart mends that."""
+    log.error("worker group out of step, exiting for a restart: %s", why)
+    logging.shutdown()
+    os._exit(1)
+
+
+TEST_FAULT_ENV = "REELSERVE_TEST_RANK_FAULT"
+"""Tests only: `<rank>:<prompt>:<marker file>` makes that rank alone raise once, after a stage of a
+request with that prompt ran (the first time: it creates the marker)."""
+
+
+def _test_fault(rank: int) -> str | None:
+    spec = os.environ.get(TEST_FAULT_ENV)
+    if not spec:
+        return None
+    fault_rank, prompt, _ = spec.split(":", 2)
+    return prompt if int(fault_rank) == rank else None
+
+
+def _fire_test_fault() -> None:
+    marker = os.environ[TEST_FAULT_ENV].split(":", 2)[2]
+    with contextlib.suppress(FileExistsError):
+        open(marker, "x").close()
+        raise RuntimeError("test fault: this rank alone raised")
 
 
 class _Decoded:

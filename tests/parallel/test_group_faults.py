@@ -12,14 +12,17 @@ from serve.engine.executor import Executor, WorkerHandle, WorkerStartError
 from serve.pipeline.mp4 import decode_mp4
 from serve.worker.factory import WorkerArgs
 from serve.worker.group_args import GroupArgs
+from serve.worker.group_worker import TEST_FAULT_ENV
 from serve.worker.model_runner import ModelRunner
 from tests.engine.test_core import wait_until
 from tests.parallel.conftest import TIMEOUT_S, group_core, request
 
 
 @pytest.fixture
-def core(tiny_model_dir, outputs_dir):
-    """Worker 0: a group of two ranks (Ulysses 2); worker 1: one process. One request each at a time."""
+def core(tiny_model_dir, tmp_path, monkeypatch, outputs_dir):
+    """Worker 0: a group of two ranks (Ulysses 2); worker 1: one process. One request each at a time.
+    The group's rank 1 raises alone, once, on the first stage of a request prompted "rank fault"."""
+    monkeypatch.setenv(TEST_FAULT_ENV, f"1:rank fault:{tmp_path / 'fired'}")
     engine = group_core(str(tiny_model_dir), [(2, 1), None], outputs_dir, max_running_per_worker=1, max_batch_size=1)
     engine.start()
     yield engine
@@ -53,6 +56,16 @@ def test_a_killed_rank_restarts_its_group_and_the_other_worker_serves_on(core, t
     after = [core.add_request(request(seed=30 + k)) for k in range(2)]  # one per worker: each holds one
     traces = [future.result(TIMEOUT_S).trace for _, future in after]
     assert any({w for _, w, _ in t} == {0} for t in traces)  # the restarted group served one of them
+
+    # One rank raises alone (the other finished the stage): the ranks compare each unit's outcome,
+    # find them out of step, and all exit; the group restarts and the request is retried from its seed.
+    faulty = [request(seed=40 + k, prompt="rank fault") for k in range(2)]  # one per worker again
+    with caplog.at_level(logging.ERROR, logger="serve.engine.executor"):
+        results = [future.result(TIMEOUT_S) for _, future in (core.add_request(p) for p in faulty)]
+    assert any("worker group 0: rank" in r.getMessage() and "exit code 1" in r.getMessage() for r in caplog.records)
+    for p, result in zip(faulty, results, strict=True):
+        np.testing.assert_array_equal(decode_mp4(result.mp4)[0], runner.generate(p).frames)
+    wait_until(lambda: group.restarts == 2 and group.alive(), TIMEOUT_S)
 
 
 def test_a_rank_that_dies_while_loading_fails_the_start_at_once_naming_it(tiny_model_dir):
