@@ -27,11 +27,12 @@ from serve.loader.planner import ACTIVATION_LEVELS
 HEADS, HEAD_DIM, FFN = 4, 128, 1382
 
 
-def build() -> torch.nn.Module:
+def build(num_layers: int = 2) -> torch.nn.Module:
+    """A14B's head size and FFN ratio with 4 heads, bf16 (also the transformer tests/memory measures)."""
     torch.manual_seed(0)
     model = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=16,
-        out_channels=16, text_dim=64, freq_dim=32, ffn_dim=FFN, num_layers=2, cross_attn_norm=True,
+        out_channels=16, text_dim=64, freq_dim=32, ffn_dim=FFN, num_layers=num_layers, cross_attn_norm=True,
     )  # fmt: skip
     return model.to(torch.bfloat16).eval()
 

@@ -11,13 +11,12 @@ copies on top of the whole-sequence buffers).
 
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
 
+from bench.activation_memory import FFN, HEAD_DIM, HEADS, build
 from models.wan.chunked_block import set_block_chunks
 from serve.loader.activation_meter import LiveBytes, peak_live_bytes
 from serve.loader.memory_model import denoise_activation_bytes
 
-HEADS, HEAD_DIM, FFN = 4, 128, 1382  # hidden 512; 1382 / 512 = 13824 / 5120 (A14B)
 LATENT = (16, 4, 64, 64)  # 4 x 32 x 32 = 4096 tokens after the (1, 2, 2) patch
 TOKENS = 4 * 32 * 32
 HEADROOM = 1.10
@@ -26,12 +25,7 @@ PER_TOKEN_HEADROOM = 1.15
 
 @pytest.fixture(scope="module")
 def transformer() -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=16,
-        out_channels=16, text_dim=64, freq_dim=32, ffn_dim=FFN, num_layers=1, cross_attn_norm=True,
-    )  # fmt: skip
-    return model.to(torch.bfloat16).eval()
+    return build(num_layers=1)
 
 
 @pytest.mark.parametrize(
