@@ -101,11 +101,6 @@ def load_model_runner(model_dir: str, device: str, dtype: str, options: RunnerCo
     return runner
 
 
-def plan_residency(model_dir: str, device: str, memory: MemoryConfig, largest_request: tuple[int, int, int]) -> Any:
-    """The residency part of `plan_memory`."""
-    return plan_memory(model_dir, device, memory, largest_request)[0]
-
-
 def plan_memory(
     model_dir: str,
     device: str,

@@ -48,16 +48,16 @@ def test_choose_honours_flags_and_explains_failure(a14b) -> None:
 
 def test_each_worker_plans_for_its_own_device(tiny_model_dir):
     from serve.loader.config import MemoryConfig
-    from serve.worker.factory import plan_residency
+    from serve.worker.factory import plan_memory
 
     model, small = str(tiny_model_dir), (64, 64, 9)
-    assert plan_residency(model, "cpu", MemoryConfig(ram="64GiB"), small) is None  # CPU: auto is resident
-    roomy = plan_residency(model, "cuda:0", MemoryConfig(vram="80GiB", ram="64GiB"), small)
+    assert plan_memory(model, "cpu", MemoryConfig(ram="64GiB"), small)[0] is None  # CPU: auto is resident
+    roomy = plan_memory(model, "cuda:0", MemoryConfig(vram="80GiB", ram="64GiB"), small)[0]
     assert roomy.mode == "resident"
-    forced = plan_residency(model, "cpu", MemoryConfig(mode="block-offload", prefetch_blocks=2), (1280, 1280, 129))
+    forced = plan_memory(model, "cpu", MemoryConfig(mode="block-offload", prefetch_blocks=2), (1280, 1280, 129))[0]
     assert (forced.mode, forced.prefetch_blocks, forced.text_encoder) == ("block-offload", 2, "device")
     with pytest.raises(ValueError, match="no memory mode fits"):
-        plan_residency(model, "cuda:0", MemoryConfig(vram="1MiB", ram="64GiB"), small)
+        plan_memory(model, "cuda:0", MemoryConfig(vram="1MiB", ram="64GiB"), small)
 
 
 def test_a14b_targets_on_consumer_cards(a14b) -> None:
