@@ -299,10 +299,12 @@ class Worker:
 
 
 def memory_plan(runner: Any) -> str:
-    """The runner's residency as one phrase; runners without one (test fakes, CPU) keep all resident."""
-    residency = getattr(runner, "residency", None)
-    if residency is None:
+    """The runner's residency as one phrase; runners without one (test fakes, CPU) keep all resident.
+    The runner holds the `ResidencyManager`; the mode and its settings are on its `config`."""
+    manager = getattr(runner, "residency", None)
+    if manager is None:
         return "resident"
+    residency = manager.config
     parts = [residency.mode, f"text encoder {residency.text_encoder}"]
     if residency.mode == "block-offload":
         parts.append(f"prefetch {residency.prefetch_blocks} blocks")
