@@ -80,3 +80,26 @@ def test_activations_shrink_only_when_memory_is_short(a14b) -> None:
     assert min(device.values()) == device[ACTIVATION_LEVELS[-1]]
     forced = choose(a14b, Budget(80 * GB, 256 * GB), SIZE, "bf16", 1, "auto", "auto", "sequential", 3)
     assert (forced.mode, forced.cfg_mode, forced.block_chunks) == ("resident", "sequential", 3)
+
+
+@pytest.mark.parametrize(
+    ("config", "phrase"),
+    [
+        (None, "resident"),
+        (dict(mode="block-offload", prefetch_blocks=2), "block-offload, text encoder device, prefetch 2 blocks"),
+        (
+            dict(mode="expert-swap", text_encoder="swap", offload_source="disk"),
+            "expert-swap, text encoder swap, idle expert from disk",
+        ),
+    ],
+)
+def test_the_ready_report_names_each_memory_plan(config, phrase):
+    """Every residency mode gives its phrase: the Ready report is built after the load's try, so a
+    mode it cannot describe kills the worker before it reports Ready."""
+    from types import SimpleNamespace
+
+    from serve.loader.residency import ResidencyConfig
+    from serve.worker.worker import memory_plan
+
+    manager = None if config is None else SimpleNamespace(config=ResidencyConfig(**config))
+    assert memory_plan(SimpleNamespace(residency=manager)) == phrase
