@@ -106,9 +106,10 @@ class DenoiseStage:
         if step_caches is not None:
             # the first-block cache decides per request from its cond and uncond rows together
             raise ValueError("sequential CFG does not combine with the step cache; use --cfg-mode batched")
+        row_loras = self._row_loras(expert, loras, hidden.shape[0])  # the same n rows in both passes
         halves = []
         for rows in embeds.chunk(2):
-            with apply_loras(model, self._row_loras(expert, loras, hidden.shape[0])):
+            with apply_loras(model, row_loras):
                 halves.append(self._forward(model, expert, hidden, t, rows, None).float())
         return torch.cat(halves)
 
