@@ -40,14 +40,24 @@ DIFFUSERS = "diffusers from_pretrained"
 
 
 def _import_everything() -> None:
+    """Everything either loader imports, including what each imports on its first call (found by
+    comparing `sys.modules` before and after a load): reelserve's loader and quantizer, diffusers'
+    guiders and the schedulers it lists as compatible with UniPC, T5's tokenizer for both."""
     import diffusers  # noqa: F401
+    import diffusers.guiders  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
-    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel  # noqa: F401
+    import transformers.models.mt5  # noqa: F401
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel  # noqa: F401
     from transformers import AutoTokenizer, UMT5EncoderModel  # noqa: F401
+    from transformers.models.t5 import tokenization_t5  # noqa: F401
 
     import models.wan.t2v  # noqa: F401
+    import serve.loader.load  # noqa: F401
+    import serve.quant.loading  # noqa: F401
     import serve.worker.model_runner  # noqa: F401
+
+    UniPCMultistepScheduler().compatibles  # noqa: B018  (imports each compatible scheduler's module)
 
 
 def _set_loader_defaults(options: dict) -> None:

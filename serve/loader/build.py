@@ -7,6 +7,7 @@ non-persistent buffers computed in `__init__` and absent from the checkpoint, so
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,21 +94,40 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 @contextmanager
-def initializers_skipped() -> Iterator[None]:
-    """`torch.nn.init` functions do nothing for the duration (diffusers' `no_init_weights`, which its
-    `from_pretrained` uses too). A loaded module's every parameter is then filled from the file
-    (`plan_load` checks it), so random initialisation is dead work, and on meta tensors it is not free:
-    each `uniform_` runs through Python decompositions (measured: 0.06 s of a 0.3 s bench-size load)."""
-    from diffusers.models.modeling_utils import no_init_weights
+def initializers_skipped(library: str = "diffusers") -> Iterator[None]:
+    """Weight initialisation does nothing for the duration: the library's own switch, as its
+    `from_pretrained` uses it (diffusers' `no_init_weights` stubs `torch.nn.init`; transformers' also
+    stubs `PreTrainedModel.init_weights`, whose `_init_weights` calls `normal_` through its own module).
+    A loaded module's every parameter is then filled from the file (`plan_load` checks it), so random
+    initialisation is dead work, and on meta tensors it is not free: each `normal_` runs through
+    Python decompositions (measured: 0.06 s of a 0.3 s bench-size load; UMT5's alone 10 ms)."""
+    if library == "transformers":
+        from transformers.initialization import no_init_weights
+    else:
+        from diffusers.models.modeling_utils import no_init_weights
 
     with no_init_weights():
         yield
 
 
+def on_host() -> contextlib.AbstractContextManager:
+    """Tensors built in `__init__` on the CPU. `with torch.device(...)` is a TorchFunctionMode that sends
+    every torch call through Python (measured: half of a bench-size build), so it is entered only when
+    something (`torch.set_default_device`) made another device the default."""
+    return contextlib.nullcontext() if torch.get_default_device().type == "cpu" else torch.device("cpu")
+
+
 def build_empty(component: ComponentClass, config: dict) -> nn.Module:
     """The module with meta parameters and real (CPU) buffers."""
     cls = component.load()
-    with parameters_on_meta(), initializers_skipped(), torch.device("cpu"):
+    with parameters_on_meta(), initializers_skipped(component.library), on_host():
         if component.library == "transformers":
-            return cls(cls.config_class.from_dict(config))
+            return tied(cls(cls.config_class.from_dict(config)))
         return cls.from_config(config)
+
+
+def tied(model: nn.Module) -> nn.Module:
+    """A transformers model with its weights tied: `init_weights` ties them, and transformers'
+    `no_init_weights` skips `init_weights` whole, so its `from_pretrained` ties after building, as here."""
+    model.tie_weights(recompute_mapping=False)
+    return model

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from serve.loader.build import ComponentClass, read_component_config
+from serve.loader.build import ComponentClass, initializers_skipped, read_component_config, tied
 from serve.loader.errors import CheckpointError
 from serve.loader.index import DTYPE_BYTES, CheckpointIndex, TensorInfo
 from serve.loader.wan_configs import RULES, BlockCount, Fields, KeyTensor
@@ -118,9 +118,9 @@ def _check_key_tensor(key: KeyTensor, index: CheckpointIndex, path: Path, class_
 def _build_on_meta(component: ComponentClass, cls: type[nn.Module], config: dict, path: Path) -> nn.Module:
     """The module with every parameter and buffer on meta: shapes without memory, in well under a second."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), initializers_skipped(component.library):
             if component.library == "transformers":
-                return cls(cls.config_class.from_dict(config))
+                return tied(cls(cls.config_class.from_dict(config)))
             return cls.from_config(config)
     except Exception as exc:  # a field combination the class rejects or trips over (an index past a list)
         why = f"{type(exc).__name__}: {exc}"
