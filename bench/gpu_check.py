@@ -14,6 +14,8 @@ Sections (reference in brackets; tolerances are relative L2 errors unless said o
   residency    expert swap and block offload (pinned prefetch) [resident frames; ledger vs real tensors
                and torch.cuda.memory_allocated]
   batching     4 requests stepped in one batch                   [each stepped alone]
+  decode_lane  a decode on the lane's side stream while 2 other requests step   [the two one after the
+               other: the same frames and latents; the time saved]
   tiled_vae    tiled decode, tile-major                          [diffusers' tiled_decode; PSNR vs untiled]
   load         pinned staging on a side stream                   [plain .to(device) copies, bit for bit]
   worker_group 2 GPUs, Ulysses (only with 2+ GPUs and serve/worker/group.py) [bench/parallel.py runs]
@@ -270,6 +272,55 @@ def section_batching(ctx: Context) -> dict:
     return {"rel_vs_alone": worst, "batch of 4 s": t1 - t0, "4 alone s": t2 - t1, "speedup": (t2 - t1) / (t1 - t0)}
 
 
+def section_decode_lane(ctx: Context) -> dict:
+    """What the worker does with `--vae-overlap`: hand finished requests to the decode lane (a thread;
+    on CUDA a side stream), step others meanwhile."""
+    import threading
+
+    run = runner(ctx)
+    finished = run.start([params(ctx, seed=0)])
+    experts = run.experts_of(finished[0])
+    for step in range(len(experts)):
+        run.denoise_step(finished, experts[step])
+
+    def step_all(states) -> None:
+        for step in range(len(experts)):
+            run.denoise_step(states, experts[step])
+
+    def decode() -> list:
+        return list(run.decode_chunks(finished))
+
+    run.denoise_step(run.start([params(ctx, seed=9)]), experts[0])  # warm both paths
+    decode()
+    others = [params(ctx, seed=s) for s in (1, 2)]
+    alone, overlapped = run.start(others), run.start(others)
+    ctx.sync()
+    t0 = time.perf_counter()
+    reference = decode()
+    step_all(alone)
+    ctx.sync()
+    t1 = time.perf_counter()
+    chunks: list = []
+    handoff = run.lane_handoff()
+
+    def lane() -> None:
+        with handoff:
+            chunks.extend(decode())
+
+    thread = threading.Thread(target=lane)
+    thread.start()
+    step_all(overlapped)
+    thread.join()
+    ctx.sync()
+    t2 = time.perf_counter()
+    worst = max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(chunks, reference, strict=True))
+    check(worst <= 1, f"frames decoded on the lane differ from the main lane's by {worst} levels")
+    latents = max((a.latents - b.latents).abs().max().item() for a, b in zip(alone, overlapped, strict=True))
+    check(latents == 0, f"steps taken beside the lane's decode changed the latents by {latents:.2e}")
+    return {"max frame diff (uint8 levels)": worst, "one after the other s": t1 - t0, "overlapped s": t2 - t1,
+            "speedup": (t1 - t0) / (t2 - t1)}  # fmt: skip
+
+
 # ---- VAE and loading ----------------------------------------------------------------------------------------
 
 
@@ -354,6 +405,7 @@ SECTIONS: dict[str, Callable[[Context], dict | None]] = {
     "w8a8": section_w8a8,
     "residency": section_residency,
     "batching": section_batching,
+    "decode_lane": section_decode_lane,
     "tiled_vae": section_tiled_vae,
     "load": section_load,
     "worker_group": section_worker_group,

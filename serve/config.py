@@ -183,6 +183,14 @@ class ServerConfig(FrozenConfig):
         return self
 
     @model_validator(mode="after")
+    def _groups_decode_on_the_main_lane(self) -> ServerConfig:
+        """A group's ranks decode their VAE tiles together, in collectives that must stay in step with
+        the steps' collectives: a second lane would interleave the two."""
+        if self.workers.degrees() != (1, 1) and self.vae.overlap == "on":
+            raise ValueError("--vae-overlap on does not combine with --parallel; drop one of them")
+        return self
+
+    @model_validator(mode="after")
     def _one_weight_storage(self) -> ServerConfig:
         if self.quant.policy is not None and self.memory.weights_dtype != "bf16":
             raise ValueError("give --quant or --weights-dtype, not both (--quant sets the weight storage itself)")

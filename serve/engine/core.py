@@ -17,7 +17,7 @@ from serve.engine.cost_model import CostModel
 from serve.engine.executor import Executor, UnitOutcome
 from serve.engine.metrics import EngineMetrics
 from serve.engine.request import GenerationParams, Request, RequestStatus
-from serve.engine.scheduler import QueueFullError, Scheduler, WorkerDied, WorkUnit
+from serve.engine.scheduler import MovedToLane, QueueFullError, Scheduler, WorkerDied, WorkUnit
 from serve.jobs.artifacts import ArtifactStore
 from serve.logs import about
 
@@ -277,11 +277,12 @@ class EngineCore:
         elif unit.kind == "denoise":
             self.metrics.denoising_batch_size.observe(len(unit.request_ids))
 
-    def _update(self, events: list[UnitOutcome | WorkerDied]) -> None:
+    def _update(self, events: list[UnitOutcome | WorkerDied | MovedToLane]) -> None:
         results = []
         for event in events:
-            if isinstance(event, WorkerDied):
-                self.metrics.worker_restarts.inc()
+            if isinstance(event, WorkerDied | MovedToLane):
+                if isinstance(event, WorkerDied):
+                    self.metrics.worker_restarts.inc()
                 results.append(event)
                 continue
             results.append(event.result)
@@ -289,6 +290,7 @@ class EngineCore:
                 self.metrics.denoising_step_time.observe(event.result.elapsed_s)
             for outcome, count in event.report.counters.items():
                 self.metrics.step_cache_steps(outcome, count)
+            self.metrics.decode_overlapped_units.inc(event.report.overlapped_units)
             for rid, key in event.report.outputs.items():
                 self._artifacts[rid] = (key, event.report.mp4_s)
         with self._lock:

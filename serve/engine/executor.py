@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
-from serve.engine.messages import Free, LoadFailed, Ready, Shutdown, UnitReport, unit_message
+from serve.engine.messages import DecodeAccepted, Free, LoadFailed, Ready, Shutdown, UnitReport, unit_message
 from serve.engine.request import GenerationParams
-from serve.engine.scheduler import UnitResult, WorkerDied, WorkUnit
+from serve.engine.scheduler import MovedToLane, UnitResult, WorkerDied, WorkUnit
 from serve.worker.factory import WorkerArgs
 from serve.worker.group_args import GroupArgs, fresh_address
 from serve.worker.group_worker import group_worker_main
@@ -58,6 +58,7 @@ class WorkerHandle:
     restarts: int = 0
     unit: WorkUnit | None = None  # in flight
     unit_id: int | None = None
+    lane: dict[int, WorkUnit] = field(default_factory=dict)  # unit id -> decode on the worker's decode lane
     info: Ready | None = None
     loading_since: float | None = None  # monotonic time its (re)start was spawned, until it is Ready
     error: str | None = None  # why its last restart failed
@@ -108,6 +109,7 @@ class Executor:
 
     def _spawn(self, w: WorkerHandle) -> None:
         w.ready, w.unit, w.unit_id = False, None, None
+        w.lane.clear()
         parent, child = _MP.Pipe()
         if w.group is None:
             w.proc = _MP.Process(
@@ -230,7 +232,7 @@ class Executor:
                 # the worker block on sending an MP4 that nobody reads. One still loading has
                 # nothing to finish. A group's peers stop with rank 0 (it broadcasts the Shutdown).
                 for proc in w.processes():
-                    proc.join(0 if w.unit or w.loading_since is not None else timeout)
+                    proc.join(0 if w.unit or w.lane or w.loading_since is not None else timeout)
                 self._kill(w)
                 w.loading_since = None
 
@@ -294,19 +296,19 @@ class Executor:
             with contextlib.suppress(OSError):
                 w.conn.send(Free(tuple(request_ids)))
 
-    def poll(self, timeout: float) -> list[UnitOutcome | WorkerDied]:
+    def poll(self, timeout: float) -> list[UnitOutcome | WorkerDied | MovedToLane]:
         """Wait up to `timeout` for any worker to report; return finished units and deaths."""
         live = [w for w in self.workers if w.ready]
         # wake up for their Ready, or a rank's death while loading
         loading = [x for w in self.workers if w.loading_since is not None for x in (w.conn, *self._sentinels(w))]
         wait([x for w in live for x in (w.conn, *(p.sentinel for p in w.processes()))] + loading, timeout)
-        events: list[UnitOutcome | WorkerDied] = []
+        events: list[UnitOutcome | WorkerDied | MovedToLane] = []
         for w in live:
             events += self._drain(w)
         return events
 
-    def _drain(self, w: WorkerHandle) -> list[UnitOutcome | WorkerDied]:
-        events: list[UnitOutcome | WorkerDied] = []
+    def _drain(self, w: WorkerHandle) -> list[UnitOutcome | WorkerDied | MovedToLane]:
+        events: list[UnitOutcome | WorkerDied | MovedToLane] = []
         try:
             while w.conn.poll():
                 report = w.conn.recv()
@@ -314,9 +316,15 @@ class Executor:
                     # A rank died and rank 0 reports what broke in the collectives it was in: the
                     # death (below) is the cause, and its requests are the scheduler's to retry.
                     continue
-                if isinstance(report, UnitReport) and report.unit_id == w.unit_id:
+                if isinstance(report, DecodeAccepted) and report.unit_id == w.unit_id:
+                    w.lane[w.unit_id] = w.unit  # the worker is free for the next unit
+                    events.append(MovedToLane(w.unit))
+                    w.unit, w.unit_id = None, None
+                elif isinstance(report, UnitReport) and report.unit_id == w.unit_id:
                     events.append(UnitOutcome(self._result(w.unit, report), report))
                     w.unit, w.unit_id = None, None
+                elif isinstance(report, UnitReport) and report.unit_id in w.lane:
+                    events.append(UnitOutcome(self._result(w.lane.pop(report.unit_id), report, on_lane=True), report))
         except (EOFError, OSError):
             pass  # the worker closed its end; the liveness check below handles it
         if not w.alive():
@@ -324,11 +332,14 @@ class Executor:
         return events
 
     @staticmethod
-    def _result(unit: WorkUnit, report: UnitReport) -> UnitResult:
-        return UnitResult(unit, failed=report.failed, experts=report.experts, elapsed_s=report.elapsed_s)
+    def _result(unit: WorkUnit, report: UnitReport, on_lane: bool = False) -> UnitResult:
+        return UnitResult(
+            unit, failed=report.failed, experts=report.experts, elapsed_s=report.elapsed_s, on_lane=on_lane
+        )
 
     def _died(self, w: WorkerHandle) -> WorkerDied:
         w.ready, w.unit, w.unit_id = False, None, None
+        w.lane.clear()
         if w.group is None:
             w.proc.join()
             reason = f"worker process died (worker {w.index}, exit code {w.proc.exitcode}) while holding this request"

@@ -4,6 +4,9 @@
                        Free | Shutdown                       (no answer)
     worker -> engine   Ready | LoadFailed                    (once, after loading)
                        UnitReport
+                       DecodeAccepted                        (a DecodeUnit taken by the decode lane:
+                                                              its UnitReport follows when it is done,
+                                                              and the worker takes other units meanwhile)
 
 Only ids, params and small reports cross; latents and conditioning images' latents never leave
 the worker, and neither do videos: a decode writes each MP4 into its artifact store and answers
@@ -49,6 +52,14 @@ Unit = EncodeUnit | StepUnit | DecodeUnit
 
 
 @dataclass(frozen=True)
+class DecodeAccepted:
+    """The worker's decode lane (`--vae-overlap`) took this DecodeUnit: the worker is free for the next
+    unit now; the decode's own UnitReport, with the same `unit_id`, comes when its videos are stored."""
+
+    unit_id: int
+
+
+@dataclass(frozen=True)
 class Free:
     """Drop these requests' state (cancelled or expired between steps)."""
 
@@ -89,6 +100,8 @@ class UnitReport:
     elapsed_s: float = 0.0
     counters: dict[str, int] = field(default_factory=dict)
     """Decode: e.g. step-cache skipped/computed steps of the finished requests."""
+    overlapped_units: int = 0
+    """Decode on the lane: how many other units the worker ran while this decode was in progress."""
 
 
 def unit_message(

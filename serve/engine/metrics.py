@@ -8,7 +8,8 @@ vLLM's names used here: num_requests_running, num_requests_waiting, request_succ
 e2e_request_latency_seconds, request_queue_time_seconds, request_inference_time_seconds. A video
 model's own: denoising_step_time_seconds (one batched denoising step; a video's inter-token
 latency), denoising_batch_size, request_stage_time_seconds{stage}, expert_swaps_total,
-worker_restarts_total, step_cache_steps_total{outcome}.
+worker_restarts_total, step_cache_steps_total{outcome}, decode_overlapped_units_total (units a
+worker ran while a decode was on its decode lane: the overlap `--vae-overlap` buys).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class EngineMetrics:
         )
         self.expert_swaps = self._counter("expert_swaps", "Times a worker switched MoE expert")
         self.worker_restarts = self._counter("worker_restarts", "Worker processes restarted")
+        self.decode_overlapped_units = self._counter(
+            "decode_overlapped_units", "Units a worker ran while a decode was on its decode lane"
+        )
         self._request_success = Counter(
             PREFIX + "request_success",
             "Requests that ended, by finished_reason: finished, failed, cancelled (as vLLM, not only successes)",

@@ -11,6 +11,10 @@ Each call to `schedule(idle_workers)` picks at most one unit of work per idle wo
 Workers report back through `update_from_output`, which advances request state. Cancellation and
 deadlines take effect at step boundaries: a request in a running unit is removed when the unit
 returns, and the worker is told to free it.
+
+A worker with a decode lane (`--vae-overlap`) takes a decode unit onto it (`MovedToLane`) and is free
+for the next unit while the decode runs; the decode's requests stay on that worker (they count
+towards its `max_running_per_worker`) until the decode's own result comes.
 """
 
 from __future__ import annotations
@@ -52,6 +56,15 @@ class UnitResult:
     failed: dict[str, str] = field(default_factory=dict)
     experts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # encode: each step's expert
     elapsed_s: float = 0.0
+    on_lane: bool = False
+    """A decode that ran on its worker's decode lane (its worker took other units meanwhile)."""
+
+
+@dataclass(frozen=True)
+class MovedToLane:
+    """The worker took this decode unit onto its decode lane: it is free for the next unit now."""
+
+    unit: WorkUnit
 
 
 @dataclass(frozen=True)
@@ -99,6 +112,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
         self.in_flight: dict[int, WorkUnit] = {}
+        self.on_lane: dict[str, WorkUnit] = {}  # request id -> its decode unit on its worker's decode lane
         self.loaded_expert: dict[int, int | None] = dict.fromkeys(range(num_workers))
         self.swaps = 0
         self._alive: set[int] = set(range(num_workers))
@@ -146,7 +160,7 @@ class Scheduler:
         return starving or self._encode_unit(worker) or self._decode_unit(worker) or self._denoise_unit(worker, now)
 
     def _starving_unit(self, worker: int, now: float) -> WorkUnit | None:
-        idle = [r for r in self._on_worker(worker) if now - r.last_scheduled >= self.config.max_wait_s]
+        idle = [r for r in self._schedulable(worker) if now - r.last_scheduled >= self.config.max_wait_s]
         if not idle:
             return None
         if any(r.status == RequestStatus.DECODING for r in idle):
@@ -164,7 +178,7 @@ class Scheduler:
     def _decode_unit(self, worker: int) -> WorkUnit | None:
         """The oldest finished request, with others of its shape (one VAE call decodes them all)."""
         ready = sorted(
-            (r for r in self._on_worker(worker) if r.status == RequestStatus.DECODING), key=lambda r: r.arrival_time
+            (r for r in self._schedulable(worker) if r.status == RequestStatus.DECODING), key=lambda r: r.arrival_time
         )
         if not ready:
             return None
@@ -227,19 +241,26 @@ class Scheduler:
 
     # ---- results --------------------------------------------------------------------------------
 
-    def update_from_output(self, results: list[UnitResult | WorkerDied]) -> list[Request]:
+    def update_from_output(self, results: list[UnitResult | WorkerDied | MovedToLane]) -> list[Request]:
         """Advance state from worker reports; return requests that reached a final status."""
         ended: list[Request] = []
         for result in results:
             if isinstance(result, WorkerDied):
                 ended += self._worker_died(result)
+            elif isinstance(result, MovedToLane):
+                self.in_flight.pop(result.unit.worker, None)
+                self.on_lane.update(dict.fromkeys(result.unit.request_ids, result.unit))
             else:
                 ended += self._unit_done(result)
         return ended
 
     def _unit_done(self, result: UnitResult) -> list[Request]:
         unit = result.unit
-        self.in_flight.pop(unit.worker, None)
+        if result.on_lane:
+            for rid in unit.request_ids:
+                self.on_lane.pop(rid, None)
+        else:
+            self.in_flight.pop(unit.worker, None)
         ended = []
         for rid in unit.request_ids:
             r = self.requests.get(rid)
@@ -271,6 +292,7 @@ class Scheduler:
         requests = list(self.requests.values())
         self.waiting.clear()
         self.in_flight.clear()
+        self.on_lane.clear()
         return [self._finish(r, RequestStatus.FAILED, reason) for r in requests]
 
     def _worker_died(self, event: WorkerDied) -> list[Request]:
@@ -281,6 +303,8 @@ class Scheduler:
         alone (`_alone`), so a batch-mate of the culprit is not failed with it."""
         unit = self.in_flight.pop(event.worker, None)
         suspects = set(unit.request_ids) if unit is not None else set()
+        # A decode on its lane dies with the worker too; its requests are DECODING, so retried below.
+        self.on_lane = {rid: u for rid, u in self.on_lane.items() if u.worker != event.worker}
         self.loaded_expert[event.worker] = None
         requeue, ended = [], []
         for r in self._on_worker(event.worker):
@@ -303,7 +327,7 @@ class Scheduler:
         self.waiting.appendleft(r)
 
     def _end_cancelled_and_expired(self, now: float, out: SchedulerOutput) -> None:
-        busy = {rid for unit in self.in_flight.values() for rid in unit.request_ids}
+        busy = {rid for unit in self.in_flight.values() for rid in unit.request_ids} | set(self.on_lane)
         for r in list(self.requests.values()):
             if r.request_id in busy:
                 continue  # at the next step boundary
@@ -328,6 +352,10 @@ class Scheduler:
 
     def _on_worker(self, worker: int) -> list[Request]:
         return [r for r in self.requests.values() if r.worker == worker]
+
+    def _schedulable(self, worker: int) -> list[Request]:
+        """The worker's requests that may go into a unit now: not those its decode lane holds."""
+        return [r for r in self._on_worker(worker) if r.request_id not in self.on_lane]
 
     def remaining_s(self, r: Request) -> float:
         """Predicted seconds of transformer work left for one request, run alone."""

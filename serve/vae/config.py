@@ -14,6 +14,8 @@ from serve.frozen import FrozenConfig, flag
 
 DecodeOrder = Literal["chunk-major", "tile-major"]
 DECODE_ORDERS: tuple[DecodeOrder, ...] = ("chunk-major", "tile-major")
+Overlap = Literal["auto", "on", "off"]
+OVERLAPS: tuple[Overlap, ...] = ("auto", "on", "off")
 
 
 class VaeDecodeConfig(FrozenConfig):
@@ -53,11 +55,26 @@ class VaeDecodeConfig(FrozenConfig):
     about the same time. With `workers` > 1 that many tiles are alive at once (0.46x for 2). Use it when
     memory, not time to first frame, is the limit."""
 
+    overlap: Overlap = Field("auto", json_schema_extra=flag("--vae-overlap"))
+    """Decode finished videos on a second lane of the worker (a thread; on CUDA a side stream too) while
+    it goes on denoising other requests, instead of making them wait for the decode. "auto": on for a
+    CUDA device whose weights all stay on it (the planner chose "resident": the decode's memory is then
+    in use alongside a denoising step's), off on a CPU, where both lanes compete for the same cores (a
+    CPU run shows no gain). Worker groups decode on the main lane (their tile decode is a collective).
+    The frames are the same either way."""
+
     @field_validator("order", mode="before")
     @classmethod
     def _known_order(cls, value: object) -> object:
         if value not in DECODE_ORDERS:
             raise ValueError(f"order must be one of {DECODE_ORDERS}, got {value!r}")
+        return value
+
+    @field_validator("overlap", mode="before")
+    @classmethod
+    def _known_overlap(cls, value: object) -> object:
+        if value not in OVERLAPS:
+            raise ValueError(f"overlap must be one of {OVERLAPS}, got {value!r}")
         return value
 
     @model_validator(mode="after")
@@ -72,6 +89,12 @@ class VaeDecodeConfig(FrozenConfig):
     @property
     def tiled(self) -> bool:
         return self.tile_sample_size is not None
+
+    def overlaps_on(self, device: str, spare_memory: bool) -> bool:
+        """Whether a worker on `device` decodes on its second lane (`overlap`). `spare_memory`: every
+        weight stays on the device (the planner moved nothing off it), which "auto" asks for, as the
+        decode's memory is then in use alongside a denoising step's."""
+        return self.overlap == "on" or (self.overlap == "auto" and device.startswith("cuda") and spare_memory)
 
 
 def chunk_bounds(num_latent_frames: int, chunk_latent_frames: int) -> list[tuple[int, int]]:

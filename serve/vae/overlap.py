@@ -1,50 +1,49 @@
-"""Decode a finished request in the background while the same device keeps denoising.
+"""Decode finished requests on a second lane while the same device keeps denoising others.
 
-One background thread per device; on CUDA the decode also runs on a side stream, ordered after the
-work that produced the latents (an event recorded on the caller's stream), so the two overlap on the
-GPU. On a CPU the thread only helps when denoising leaves cores idle: both compete for the same cores.
+The lane is a thread; on CUDA its work also runs on a side stream of its own, ordered after the
+work that produced the latents (an event recorded on the producer's stream when it hands over),
+so the two overlap on the GPU. On a CPU the thread only helps when denoising leaves cores idle:
+both compete for the same cores.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from collections.abc import Iterator
 
 import torch
 
-Result = TypeVar("Result")
 
+class SideLane:
+    """Where a device's background work runs: its CUDA side stream (none on other devices)."""
 
-class BackgroundDecode:
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
-        # A new thread starts with OpenMP's default thread count, not the caller's; oneDNN's sums depend
-        # on it, so inherit it to decode exactly as the synchronous path does.
-        threads = torch.get_num_threads()
-        self._executor = ThreadPoolExecutor(1, "vae-background", initializer=torch.set_num_threads, initargs=(threads,))
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def submit(self, fn: Callable[..., Result], latents: torch.Tensor, *args) -> Future[Result]:
-        """Run fn(latents, *args) in the background (e.g. `stream_decode_to_mp4` bound to a stage).
-        The caller must not modify `latents` in place afterwards; reassigning its variable is fine."""
-        ready = _record_event(self.device)
-        return self._executor.submit(self._run, fn, latents, ready, args)
+    def handoff(self) -> contextlib.AbstractContextManager[None]:
+        """Call on the thread that produced the inputs, when it hands them over; enter what it returns
+        on the lane's thread, around the work. Inside: the producer's thread count (a new thread starts
+        with OpenMP's default, and oneDNN's sums depend on it, so the frames equal the main lane's),
+        inference mode, and on CUDA the side stream, waiting for everything queued before the handoff."""
+        return self._entered(_record_event(self.device), torch.get_num_threads())
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
-
-    def _run(self, fn: Callable[..., Result], latents: torch.Tensor, ready, args: tuple) -> Result:
-        with torch.inference_mode(), self._side_stream(latents, ready):
-            return fn(latents, *args)
-
-    def _side_stream(self, latents: torch.Tensor, ready):
-        if self._stream is None:
-            return contextlib.nullcontext()
-        self._stream.wait_event(ready)
-        latents.record_stream(self._stream)  # the caching allocator must not reuse it under the side stream
-        return torch.cuda.stream(self._stream)
+    @contextlib.contextmanager
+    def _entered(self, ready, threads: int) -> Iterator[None]:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            if self._stream is None:
+                yield
+                return
+            self._stream.wait_event(ready)
+            try:
+                with torch.cuda.stream(self._stream):
+                    yield
+            finally:
+                # The inputs were allocated on the producer's stream, and the work's last reference
+                # to them goes when it returns: only once the side stream has finished with them may
+                # the caching allocator give their memory to the producer's stream again.
+                self._stream.synchronize()
 
 
 def _record_event(device: torch.device):

@@ -28,6 +28,7 @@ from serve.pipeline.step_cache import StepCache
 from serve.pipeline.text_encode import TextEncodeStage
 from serve.sampling.flow import Sampler, sampler_for, step_all
 from serve.sampling.presets import apply_preset, get_preset
+from serve.vae.overlap import SideLane
 
 StepCallback = Callable[[int, int], None]
 
@@ -92,6 +93,7 @@ class ModelRunner:
         self.text_encode, self.denoise, self.decode = model.text_encode, model.denoise, model.decode
         self.residency = model.residency
         self.lora_log = model.lora_log
+        self._lane: SideLane | None = None  # made on the decode lane's first handoff
 
     @classmethod
     def from_checkpoint(
@@ -175,6 +177,13 @@ class ModelRunner:
         for s, latents in zip(states, stepped, strict=True):
             s.latents = latents
             s.step += 1
+
+    def lane_handoff(self) -> contextlib.AbstractContextManager[None]:
+        """For the worker's decode lane: call when handing finished requests over, enter on the lane's
+        thread around their decode (on CUDA a side stream after the steps queued so far)."""
+        if self._lane is None:
+            self._lane = SideLane(self.device)
+        return self._lane.handoff()
 
     def decode_chunks(self, states: list[RequestState]) -> Iterator[np.ndarray]:
         """Decode same-shaped finished requests in one VAE pass: uint8 (B, f, H, W, 3) per chunk."""

@@ -8,6 +8,11 @@ the MP4 encoding of decoded chunks happens here, for the real runner and the tes
 Latents never leave this process, nor do videos: a decode streams each MP4 into its artifact store
 (`WorkerArgs.outputs`) and reports the key. Nothing here imports torch at module level: the API
 process imports this module to name the spawn target.
+
+With a decode lane (`--vae-overlap`), a DecodeUnit is answered at once with DecodeAccepted and runs on
+a second thread (`DecodeLane`) while this loop takes the next units; its UnitReport follows when the
+videos are stored. The requests it decodes are taken out of the worker's tables when it is handed
+over, so nothing on the main lane (a Free, a later unit) can touch them meanwhile.
 """
 
 from __future__ import annotations
@@ -17,14 +22,17 @@ import dataclasses
 import importlib
 import logging
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from serve.engine.messages import (
+    DecodeAccepted,
     DecodeUnit,
     EncodeUnit,
     Free,
@@ -119,6 +127,32 @@ class _Deferred:
         return None
 
 
+@dataclasses.dataclass
+class _Finished:
+    """Requests whose steps are done, taken out of the worker's tables to be decoded."""
+
+    states: dict[str, Any]
+    params: dict[str, GenerationParams]
+    outputs: dict[str, str]
+
+
+class DecodeLane:
+    """The worker's second lane: one thread that runs decodes, in the order handed over, while the
+    main loop takes other units. `units_run` counts the main lane's units, so a decode can say how many
+    ran while it did (its report's `overlapped_units`)."""
+
+    def __init__(self) -> None:
+        self._thread = ThreadPoolExecutor(1, "reelserve-decode-lane")
+        self.units_run = 0  # written by the main loop only
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._thread.submit(job)
+
+    def close(self) -> None:
+        """Finish the decodes handed over (their reports are sent), then stop the thread."""
+        self._thread.shutdown(wait=True)
+
+
 def sum_counters(counters: list[dict[str, int]]) -> dict[str, int]:
     total: dict[str, int] = {}
     for c in counters:
@@ -137,6 +171,12 @@ class Worker:
         self.outputs: dict[str, str] = {}  # request_id -> the name of the store its MP4 goes to
         self.stores: dict[str, ArtifactStore] = {name: target.open() for name, target in args.outputs}
         self.running = True
+        self.lane: DecodeLane | None = None  # made after loading, if `--vae-overlap` turns it on here
+        self._sending = threading.Lock()  # the decode lane answers on the same pipe
+
+    def send(self, message: Any) -> None:
+        with self._sending:
+            self.conn.send(message)
 
     def load(self) -> bool:
         try:
@@ -151,7 +191,10 @@ class Worker:
             self.conn.send(LoadFailed(_reason(e)))
             return False
         samples = tuple(tuple(s) for s in samples)
-        self.conn.send(Ready(self.args.device, self.args.dtype, samples, memory_plan(self.runner)))
+        plan = memory_plan(self.runner)
+        if self.args.options.vae.overlaps_on(self.args.device, spare_memory=plan == "resident"):
+            self.lane = DecodeLane()
+        self.conn.send(Ready(self.args.device, self.args.dtype, samples, plan))
         return True
 
     # ---- units ----------------------------------------------------------------------------------
@@ -197,32 +240,66 @@ class Worker:
         """Decode requests of one shape together, streaming each into its MP4 in its artifact store;
         a video is stored whole or not at all (a failed write leaves no partial file). Decoding reads
         the states without changing them, so a part that raised is decoded again in smaller parts."""
-        ids = list(unit.request_ids)
-        params = {rid: self.params[rid] for rid in ids}
-        counters = sum_counters([self.runner.counters(self.states[rid]) for rid in ids])
+        return self._decode_finished(unit.unit_id, self._take(unit.request_ids))
+
+    def _take(self, request_ids: tuple[str, ...]) -> _Finished:
+        """These requests' tables, removed from the worker's (as `free` does)."""
+        finished = _Finished(
+            {rid: self.states[rid] for rid in request_ids},
+            {rid: self.params[rid] for rid in request_ids},
+            {rid: self.outputs[rid] for rid in request_ids},
+        )
+        self.free(request_ids)
+        return finished
+
+    def _decode_finished(self, unit_id: int, finished: _Finished) -> UnitReport:
+        ids = list(finished.states)
+        counters = sum_counters([self.runner.counters(state) for state in finished.states.values()])
         stored: dict[str, str | None] = {}  # request id -> why its commit failed (None: stored)
         mp4_s = [0.0]
 
         def decode(part: list[str]) -> None:
-            stored.update(zip(part, self._decode_part(part, mp4_s), strict=True))
+            stored.update(zip(part, self._decode_part(finished, part, mp4_s), strict=True))
 
-        failed = self._isolating(ids, decode, params, lambda part: part, _decode_failure)
+        failed = self._isolating(ids, decode, finished.params, lambda part: part, _decode_failure)
         outputs = {}
         for rid, error in stored.items():
             if error is None:
                 outputs[rid] = video_key(rid)
-                log.info("video stored in %s", self.outputs[rid], extra=about(rid))
+                log.info("video stored in %s", finished.outputs[rid], extra=about(rid))
             else:
                 failed[rid] = f"{STORAGE_FAILED}: {error}"
-        self.free(tuple(ids))
-        return UnitReport(unit.unit_id, failed=failed, outputs=outputs, mp4_s=mp4_s[0], counters=counters)
+        return UnitReport(unit_id, failed=failed, outputs=outputs, mp4_s=mp4_s[0], counters=counters)
 
-    def _decode_part(self, ids: list[str], mp4_s: list[float]) -> list[str | None]:
+    def decode_on_lane(self, unit: DecodeUnit) -> None:
+        """Hand the decode to the lane and tell the engine so (before the lane can report: the engine
+        must know the unit is on the lane to take its report); the report follows from the lane."""
+        finished = self._take(unit.request_ids)
+        # Entered on the lane's thread: on CUDA a side stream that waits for the steps queued so far.
+        handoff = getattr(self.runner, "lane_handoff", contextlib.nullcontext)()
+        lane, before = self.lane, self.lane.units_run
+        self.send(DecodeAccepted(unit.unit_id))
+
+        def job() -> None:
+            start = time.perf_counter()
+            try:
+                with handoff:
+                    report = self._decode_finished(unit.unit_id, finished)
+            except Exception as e:  # a bug outside the per-request isolation: still answer for each
+                log.error("decode lane failed:\n%s", traceback.format_exc(), extra=about(*unit.request_ids))
+                report = UnitReport(unit.unit_id, failed=dict.fromkeys(unit.request_ids, _reason(e)))
+            elapsed, overlapped = time.perf_counter() - start, lane.units_run - before
+            with contextlib.suppress(OSError):  # the engine is gone: nobody is left to tell
+                self.send(dataclasses.replace(report, elapsed_s=elapsed, overlapped_units=overlapped))
+
+        lane.submit(job)
+
+    def _decode_part(self, finished: _Finished, ids: list[str], mp4_s: list[float]) -> list[str | None]:
         """Decode and store these videos; each one's commit error (None: stored). Raises, having
         stored none, if decoding or encoding failed."""
-        states = [self.states[rid] for rid in ids]
-        params = [self.params[rid] for rid in ids]
-        writes = [self.stores[self.outputs[rid]].writing(video_key(rid)) for rid in ids]
+        states = [finished.states[rid] for rid in ids]
+        params = [finished.params[rid] for rid in ids]
+        writes = [self.stores[finished.outputs[rid]].writing(video_key(rid)) for rid in ids]
         with contextlib.ExitStack() as opened:
             sinks = [opened.enter_context(_Deferred(w)) for w in writes]
             timings = stream_chunks_to_mp4s(
@@ -282,9 +359,18 @@ class Worker:
             report = self.denoise(unit)
         else:
             report = self.decode(unit)
+        if self.lane is not None:
+            self.lane.units_run += 1
         return dataclasses.replace(report, elapsed_s=time.perf_counter() - start)
 
     def serve(self) -> None:
+        try:
+            self._serve()
+        finally:
+            if self.lane is not None:
+                self.lane.close()
+
+    def _serve(self) -> None:
         while self.running:
             try:
                 message = self.conn.recv()
@@ -294,8 +380,10 @@ class Worker:
                 self.free(message.request_ids)
             elif isinstance(message, Shutdown):
                 self.running = False
+            elif isinstance(message, DecodeUnit) and self.lane is not None:
+                self.decode_on_lane(message)
             else:
-                self.conn.send(self.run_unit(message))
+                self.send(self.run_unit(message))
 
 
 def memory_plan(runner: Any) -> str:

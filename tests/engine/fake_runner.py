@@ -11,6 +11,12 @@ The prompt scripts the behaviour:
                   (named as torch's is) before it changes any state, as a forward pass would
   "sleep:<s>"     the request's denoising takes about <s> seconds in all
   "bad-shape"     decoding returns frames of the wrong size
+  "decode-waits-for-step:<s>"
+                  decoding waits up to <s> seconds for a denoising step (of another request) to run
+                  meanwhile, and raises if none did: it finishes only on a worker with a decode lane
+  "decode-exit-once:<file>"
+                  the worker process dies while decoding the request, unless <file> exists (it is
+                  created first): the retry from its seed decodes
   "noise"         frames of seeded random noise (an MP4 that does not compress: fills a disk)
 anything else     frames from `fake_frames(params)`.
 A step changes each request's state as it goes (a batch-mate after it may still raise), and
@@ -25,6 +31,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -65,6 +72,9 @@ class FakeState:
 
 
 class FakeRunner:
+    def __init__(self) -> None:
+        self.steps_run = 0  # denoising steps taken, by any request (read by a decode on the lane)
+
     def start(self, params_list: list[GenerationParams]) -> list[FakeState]:
         if any(p.prompt == "encode-raise" for p in params_list):
             raise RuntimeError("fake text encoder was told to fail")
@@ -89,12 +99,20 @@ class FakeRunner:
             if prompt.startswith("sleep:"):
                 time.sleep(float(prompt.split(":", 1)[1]) / s.params.num_inference_steps)
             s.step += 1
+        self.steps_run += 1
 
     def decode_chunks(self, states: list[FakeState]) -> Iterator[np.ndarray]:
         """The batch's frames in the chunks a causal VAE yields: the first frame, then four at a time."""
         for s in states:
             if s.step != len(self.experts_of(s)):
                 raise RuntimeError(f"decoding after {s.step} of {len(self.experts_of(s))} steps")
+            if s.params.prompt.startswith("decode-exit-once:"):
+                marker = Path(s.params.prompt.split(":", 1)[1])
+                if not marker.exists():
+                    marker.touch()
+                    os._exit(3)
+            if s.params.prompt.startswith("decode-waits-for-step:"):
+                self._wait_for_a_step(float(s.params.prompt.split(":", 1)[1]))
         videos = np.stack([self._frames(s) for s in states])
         for start in range(0, videos.shape[1], 4):
             yield videos[:, max(0, start - 3) : start + 1]
@@ -104,6 +122,13 @@ class FakeRunner:
 
     def calibrate(self) -> list[tuple[int, int, float]]:
         return []
+
+    def _wait_for_a_step(self, timeout_s: float) -> None:
+        before, deadline = self.steps_run, time.monotonic() + timeout_s
+        while self.steps_run == before:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no denoising step ran while this request decoded ({timeout_s:g} s)")
+            time.sleep(0.005)
 
     @staticmethod
     def _frames(state: FakeState) -> np.ndarray:

@@ -8,6 +8,7 @@ import pytest
 from serve.engine.cost_model import CostModel
 from serve.engine.request import GenerationParams, Request, RequestStatus
 from serve.engine.scheduler import (
+    MovedToLane,
     QueueFullError,
     Scheduler,
     SchedulerConfig,
@@ -262,3 +263,62 @@ def test_a_dead_worker_does_not_look_least_loaded():
     newcomer = add(s, params(), at=5)
     out = s.schedule([0], now=6)  # worker 1 still down; worker 0 is loaded but the only one alive
     assert [u.kind for u in out.units] == ["encode"] and newcomer.worker == 0
+
+
+# ---- a decode lane (`--vae-overlap`) --------------------------------------------------------------
+
+
+def two_requests_one_decoding(s: Scheduler) -> tuple[Request, Request, WorkUnit]:
+    """`a` (2 steps) and `b` (6 steps) on worker 0 until `a`'s steps are done; then `a`'s decode is
+    scheduled (decode comes before a step) and the worker takes it onto its lane."""
+    a, b = add(s, params(steps=2), at=0), add(s, params(steps=6, seed=1), at=0)
+    now = 0
+    while a.status != RequestStatus.DECODING:
+        step(s, 0, now=now)
+        now += 1
+    assert b.step < 4
+    decode = step(s, 0, now=now, complete=False)
+    assert decode.kind == "decode" and decode.request_ids == (a.request_id,)
+    s.update_from_output([MovedToLane(decode)])
+    return a, b, decode
+
+
+def test_a_decode_on_the_lane_frees_its_worker_for_steps_and_ends_with_its_own_result():
+    s = Scheduler(SchedulerConfig(), 1, tokens)
+    a, b, decode = two_requests_one_decoding(s)
+    for now in (10, 11):  # the worker steps b while a decodes; a is never scheduled again
+        unit = step(s, 0, now=now)
+        assert unit.kind == "denoise" and unit.request_ids == (b.request_id,)
+    assert a.status == RequestStatus.DECODING and a.worker == 0
+    assert s.update_from_output([UnitResult(decode, elapsed_s=0.5, on_lane=True)]) == [a]
+    assert a.status == RequestStatus.FINISHED and a.timings["decode"] == 0.5
+    assert step(s, 0, now=12).request_ids == (b.request_id,)  # b's steps go on
+
+
+def test_a_lane_result_does_not_end_the_unit_in_flight_on_the_main_lane():
+    s = Scheduler(SchedulerConfig(), 1, tokens)
+    a, b, decode = two_requests_one_decoding(s)
+    before = b.step
+    running = step(s, 0, now=10, complete=False)  # b's step, in flight when a's decode reports
+    s.update_from_output([UnitResult(decode, on_lane=True)])
+    assert s.schedule([0], now=11).units == []  # worker 0 is still busy with `running`
+    s.update_from_output([report(running, s)])
+    assert b.step == before + 1
+
+
+def test_a_request_cancelled_while_its_decode_is_on_the_lane_ends_when_the_decode_returns():
+    s = Scheduler(SchedulerConfig(), 1, tokens)
+    a, b, decode = two_requests_one_decoding(s)
+    s.abort(a.request_id)
+    assert s.schedule([], now=10).ended == []  # its decode is still running
+    s.update_from_output([UnitResult(decode, on_lane=True)])
+    assert a.status == RequestStatus.FINISHED  # the video was made; cancelling came too late
+
+
+def test_a_worker_dying_with_a_decode_on_its_lane_retries_that_request_and_forgets_the_lane():
+    s = Scheduler(SchedulerConfig(), 1, tokens)
+    a, b, decode = two_requests_one_decoding(s)
+    assert s.update_from_output([WorkerDied(0, "worker process died")]) == []
+    assert set(s.waiting) == {a, b} and (a.retries, b.retries) == (1, 1) and not s.on_lane
+    assert all(r.status == RequestStatus.WAITING and r.worker is None and r.step == 0 for r in (a, b))
+    assert len(step(s, 0, now=10).request_ids) == 1  # each retried request runs alone

@@ -80,3 +80,9 @@ def test_the_step_cache_is_refused_in_a_group(tiny_model_dir):
             workers={"count": 2, "parallel": "ulysses=2"},
             sampling={"step_cache_threshold": 0.05},
         )
+
+
+def test_the_decode_lane_is_refused_in_a_group_but_auto_is_not(tiny_model_dir):
+    with pytest.raises(ValidationError, match="--vae-overlap on does not combine with --parallel"):
+        ServerConfig(model_dir=tiny_model_dir, workers={"count": 2, "parallel": "ulysses=2"}, vae={"overlap": "on"})
+    ServerConfig(model_dir=tiny_model_dir, workers={"count": 2, "parallel": "ulysses=2"}, vae={"overlap": "auto"})

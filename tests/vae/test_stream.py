@@ -10,7 +10,7 @@ from models.wan.vae_decode import wan_decode_stage
 from serve.pipeline.decode import stream_decode_to_mp4, to_uint8
 from serve.pipeline.mp4 import decode_mp4, encode_mp4
 from serve.vae import VaeDecodeConfig
-from serve.vae.overlap import BackgroundDecode
+from serve.vae.overlap import SideLane
 from tests.vae.conftest import latents
 
 TILED = VaeDecodeConfig(tile_sample_size=32, tile_sample_overlap=8, chunk_latent_frames=2)
@@ -64,22 +64,22 @@ def test_stream_decode_of_full_frames_equals_decode_stage_call(tiny_vae):
     assert torch.equal(torch.cat(chunks, dim=1)[0], stage(z))
 
 
-def test_background_decode_runs_off_the_caller_thread_and_gives_the_same_mp4(tiny_vae):
+def test_a_decode_handed_to_the_lane_runs_off_the_caller_thread_and_gives_the_same_mp4(tiny_vae):
     z = latents((1, 16, 3, 6, 8))
     stage = wan_decode_stage(tiny_vae, TILED)
-    threads = []
+    threads, sink = [], io.BytesIO()
+    handoff = SideLane("cpu").handoff()  # on the caller's thread, as the worker hands a decode over
 
-    def job(latents, sink):
-        threads.append(threading.current_thread())
-        return stream_decode_to_mp4(stage, latents, sink, fps=8, lossless=True)
+    def job():
+        with handoff:
+            threads.append(threading.current_thread())
+            stream_decode_to_mp4(stage, z, sink, fps=8, lossless=True)
 
-    background = BackgroundDecode("cpu")
-    sink = io.BytesIO()
-    future = background.submit(job, z, sink)
+    lane = threading.Thread(target=job)
+    lane.start()
     torch.randn(256, 256) @ torch.randn(256, 256)  # the caller keeps working meanwhile
-    future.result(timeout=60)
-    background.close()
-    assert threads and threads[0] is not threading.current_thread()
+    lane.join(60)
+    assert threads == [lane]
     direct = io.BytesIO()
     stream_decode_to_mp4(stage, z, direct, fps=8, lossless=True)
     np.testing.assert_array_equal(decode_mp4(sink.getvalue())[0], decode_mp4(direct.getvalue())[0])
