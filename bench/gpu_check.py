@@ -274,10 +274,21 @@ def section_batching(ctx: Context) -> dict:
 
 def section_decode_lane(ctx: Context) -> dict:
     """What the worker does with `--vae-overlap`: hand finished requests to the decode lane (a thread;
-    on CUDA a side stream), step others meanwhile."""
+    on CUDA a side stream), step others meanwhile. Untiled, and tiled with 2 tile threads (which must
+    queue their kernels on the lane's stream, not their own default one)."""
+    from serve.vae import VaeDecodeConfig
+
+    tiled = VaeDecodeConfig(tile_sample_size=ctx.width // 2, tile_sample_overlap=ctx.width // 8, workers=2)
+    figures = {}
+    for name, vae in (("untiled", VaeDecodeConfig()), ("tiled, 2 tile threads", tiled)):
+        results = _lane_against_main(ctx, runner(ctx, vae_decode=vae))
+        figures |= {f"{name}: {key}": value for key, value in results.items()}
+    return figures
+
+
+def _lane_against_main(ctx: Context, run) -> dict:
     import threading
 
-    run = runner(ctx)
     finished = run.start([params(ctx, seed=0)])
     experts = run.experts_of(finished[0])
     for step in range(len(experts)):

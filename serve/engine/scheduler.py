@@ -249,7 +249,8 @@ class Scheduler:
                 ended += self._worker_died(result)
             elif isinstance(result, MovedToLane):
                 self.in_flight.pop(result.unit.worker, None)
-                self.on_lane.update(dict.fromkeys(result.unit.request_ids, result.unit))
+                # Only requests still here: after a drain (an engine error) a late report names gone ones.
+                self.on_lane.update({rid: result.unit for rid in result.unit.request_ids if rid in self.requests})
             else:
                 ended += self._unit_done(result)
         return ended

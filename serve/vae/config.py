@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from serve.frozen import FrozenConfig, flag
 
@@ -58,23 +58,17 @@ class VaeDecodeConfig(FrozenConfig):
     overlap: Overlap = Field("auto", json_schema_extra=flag("--vae-overlap"))
     """Decode finished videos on a second lane of the worker (a thread; on CUDA a side stream too) while
     it goes on denoising other requests, instead of making them wait for the decode. "auto": on for a
-    CUDA device whose weights all stay on it (the planner chose "resident": the decode's memory is then
-    in use alongside a denoising step's), off on a CPU, where both lanes compete for the same cores (a
+    CUDA device that keeps every weight and has room for a decode beside the largest request's denoising
+    step (the two are in memory at once), off on a CPU, where both lanes compete for the same cores (a
     CPU run shows no gain). Worker groups decode on the main lane (their tile decode is a collective).
     The frames are the same either way."""
 
-    @field_validator("order", mode="before")
+    @field_validator("order", "overlap", mode="before")
     @classmethod
-    def _known_order(cls, value: object) -> object:
-        if value not in DECODE_ORDERS:
-            raise ValueError(f"order must be one of {DECODE_ORDERS}, got {value!r}")
-        return value
-
-    @field_validator("overlap", mode="before")
-    @classmethod
-    def _known_overlap(cls, value: object) -> object:
-        if value not in OVERLAPS:
-            raise ValueError(f"overlap must be one of {OVERLAPS}, got {value!r}")
+    def _known_choice(cls, value: object, info: ValidationInfo) -> object:
+        choices = {"order": DECODE_ORDERS, "overlap": OVERLAPS}[info.field_name]
+        if value not in choices:
+            raise ValueError(f"{info.field_name} must be one of {choices}, got {value!r}")
         return value
 
     @model_validator(mode="after")
@@ -90,11 +84,11 @@ class VaeDecodeConfig(FrozenConfig):
     def tiled(self) -> bool:
         return self.tile_sample_size is not None
 
-    def overlaps_on(self, device: str, spare_memory: bool) -> bool:
-        """Whether a worker on `device` decodes on its second lane (`overlap`). `spare_memory`: every
-        weight stays on the device (the planner moved nothing off it), which "auto" asks for, as the
-        decode's memory is then in use alongside a denoising step's."""
-        return self.overlap == "on" or (self.overlap == "auto" and device.startswith("cuda") and spare_memory)
+    def overlaps_on(self, device: str, fits: bool) -> bool:
+        """Whether a worker on `device` decodes on its second lane (`overlap`). `fits`: every weight stays
+        on the device with room for a decode beside a denoising step (`factory.decode_lane_fits`), which
+        "auto" asks for."""
+        return self.overlap == "on" or (self.overlap == "auto" and device.startswith("cuda") and fits)
 
 
 def chunk_bounds(num_latent_frames: int, chunk_latent_frames: int) -> list[tuple[int, int]]:

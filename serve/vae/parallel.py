@@ -27,15 +27,37 @@ class WorkerPool:
         ]
 
     def map(self, fn: Callable[[int, Item], Result], items: Sequence[Item]) -> list[Result]:
-        """fn(worker_index, item) for every item, results in item order."""
+        """fn(worker_index, item) for every item, results in item order, on the caller's CUDA stream."""
         if not self._executors:
             return [fn(0, item) for item in items]
-        futures = [self._executors[k % self.size].submit(fn, k % self.size, item) for k, item in enumerate(items)]
+        stream = _callers_stream()
+        futures = [
+            self._executors[k % self.size].submit(_on_stream, stream, fn, k % self.size, item)
+            for k, item in enumerate(items)
+        ]
         return [f.result() for f in futures]
 
     def close(self) -> None:
         for executor in self._executors:
             executor.shutdown(wait=True)
+
+
+def _callers_stream():
+    """The calling thread's current CUDA stream when it is not the default one (the worker's decode lane
+    decodes on a side stream): CUDA's current stream is per thread, so without it a tile thread would
+    queue its kernels on the default stream, unordered with the caller's (which made the tile's input,
+    and reads its output)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    stream = torch.cuda.current_stream()
+    return None if stream == torch.cuda.default_stream() else stream
+
+
+def _on_stream(stream, fn: Callable[[int, Item], Result], index: int, item: Item) -> Result:
+    if stream is None:
+        return fn(index, item)
+    with torch.cuda.stream(stream):
+        return fn(index, item)
 
 
 def threads_per_worker(workers: int, devices: Sequence[torch.device], tiled: bool = False) -> int:

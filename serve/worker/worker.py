@@ -191,10 +191,10 @@ class Worker:
             self.conn.send(LoadFailed(_reason(e)))
             return False
         samples = tuple(tuple(s) for s in samples)
-        plan = memory_plan(self.runner)
-        if self.args.options.vae.overlaps_on(self.args.device, spare_memory=plan == "resident"):
+        fits = getattr(self.runner, "decode_lane_fits", False)  # the real runner's, set by its factory
+        if self.args.options.vae.overlaps_on(self.args.device, fits):
             self.lane = DecodeLane()
-        self.conn.send(Ready(self.args.device, self.args.dtype, samples, plan))
+        self.conn.send(Ready(self.args.device, self.args.dtype, samples, memory_plan(self.runner)))
         return True
 
     # ---- units ----------------------------------------------------------------------------------
@@ -277,11 +277,11 @@ class Worker:
         finished = self._take(unit.request_ids)
         # Entered on the lane's thread: on CUDA a side stream that waits for the steps queued so far.
         handoff = getattr(self.runner, "lane_handoff", contextlib.nullcontext)()
-        lane, before = self.lane, self.lane.units_run
+        lane = self.lane
         self.send(DecodeAccepted(unit.unit_id))
 
         def job() -> None:
-            start = time.perf_counter()
+            start, before = time.perf_counter(), lane.units_run  # not counting its wait behind another decode
             try:
                 with handoff:
                     report = self._decode_finished(unit.unit_id, finished)

@@ -102,14 +102,14 @@ def test_the_real_models_videos_are_the_same_bytes_with_the_lane_on_or_off(tiny_
 
 
 @pytest.mark.parametrize(
-    ("overlap", "device", "resident", "on"),
+    ("overlap", "device", "fits", "on"),
     [
         ("auto", "cuda:0", True, True),
-        ("auto", "cuda:0", False, False),  # weights moved off the device: no memory to spare for it
+        ("auto", "cuda:0", False, False),  # no room for a decode beside a step with every weight there
         ("auto", "cpu", True, False),  # both lanes would compete for the same cores
         ("on", "cpu", False, True),
         ("off", "cuda:1", True, False),
     ],
 )
-def test_auto_turns_the_lane_on_for_a_cuda_device_that_holds_every_weight(overlap, device, resident, on):
-    assert VaeDecodeConfig(overlap=overlap).overlaps_on(device, spare_memory=resident) is on
+def test_auto_turns_the_lane_on_for_a_cuda_device_with_room_for_it(overlap, device, fits, on):
+    assert VaeDecodeConfig(overlap=overlap).overlaps_on(device, fits) is on
