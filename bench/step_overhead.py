@@ -96,6 +96,7 @@ class RunnerSteps:
         from serve.worker.model_runner import ModelRunner
 
         self.runner = ModelRunner.from_checkpoint(model)
+        self.runner.denoise.set_activation_plan("batched", 1)
         self.args = args
 
     def __call__(self, seed: int) -> list[tuple[float, float]]:
@@ -144,7 +145,9 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)
     with checkpoint_or_tiny(args.model, size="bench") as model, tempfile.TemporaryDirectory() as out:
-        client = EngineClient(ServerConfig(model_dir=model, output_dir=Path(out)))
+        # CFG batched on both sides of the comparison (the bare forward runs the pair as one batch of
+        # two rows; a CPU's default would be two forwards of one row each).
+        client = EngineClient(ServerConfig(model_dir=model, output_dir=Path(out), memory={"cfg_mode": "batched"}))
         client.start()
         bare, runner = BareForward(model, args), RunnerSteps(model, args)
         bare(), runner(seed=10**6)  # first-call allocations, as the engine's calibration does for the worker

@@ -41,9 +41,10 @@ class MemoryConfig(FrozenConfig):
     text_encoder_device: TextEncoderDevice = "auto"
     """Text encoder placement (`--text-encoder-device`): on the device, swapped in to encode, or on the CPU."""
     cfg_mode: CfgMode = "auto"
-    """How classifier-free guidance runs (`--cfg-mode`): cond and uncond as one batch (`batched`, faster),
-    or one after the other (`sequential`, half the activation memory); `auto` lets the planner choose
-    sequential only when batched does not fit (on a CPU, batched)."""
+    """How classifier-free guidance runs (`--cfg-mode`): cond and uncond as one batch (`batched`, faster
+    on a GPU), or one after the other (`sequential`, half the activation memory); `auto` lets the planner
+    choose sequential only when batched does not fit; on a CPU it is sequential (faster there, as two
+    forwards of B rows cost less than one of 2B), batched with the step cache or in a worker group."""
     block_chunks: int = Field(0, ge=0, le=64)
     """Run each transformer block's token-wise work (modulation, fp32 residuals, FFN) in this many
     sequence chunks (`--block-chunks`); 1: whole blocks; 0: the planner chooses (chunks only when
@@ -61,3 +62,14 @@ class MemoryConfig(FrozenConfig):
         if value is not None:
             parse_bytes(value, f"--{info.field_name}")
         return value
+
+
+def default_cfg_mode(device_type: str, step_cache: bool = False, group: tuple[int, int] = (1, 1)) -> str:
+    """`--cfg-mode auto` where the planner does not choose (a CPU, a forced `--memory-mode`), and the
+    runner's own default, so a server and `ModelRunner.generate` make the same frames. On a CPU, two
+    forwards of B rows (cond, then uncond), as diffusers' WanPipeline runs them: one forward of 2B rows
+    costs more there (the demo checkpoint, 8 requests, one thread: 1.90 s against 1.68 s for 20 bare
+    forwards; the 8-request throughput bench 1.04-1.10x diffusers' batch against 0.93-1.02x batched).
+    Elsewhere one batch (a GPU wants the larger GEMMs); the step cache needs it, and a group with
+    CFG-parallel (`group` = (ulysses, cfg)) splits the CFG rows between its ranks its own way."""
+    return "sequential" if device_type == "cpu" and not step_cache and group[1] == 1 else "batched"

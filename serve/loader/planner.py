@@ -110,6 +110,15 @@ def estimate(
     return device, host
 
 
+def lane_fits(
+    stats: ModelStats, budget: Budget, size, wdtype: str, activations=("batched", 1), group: tuple[int, int] = (1, 1)
+) -> bool:
+    """Whether every weight fits on the device with a denoising step and a decode at once: the decode
+    lane (`--vae-overlap`) runs the two together, where a plan's peak counts only the larger."""
+    device, _ = estimate(stats, "resident", wdtype, "device", "host", size, 1, activations, group)
+    return device + stats.vae_decode_bytes(size[0], size[1]) + DEVICE_RESERVE <= budget.device
+
+
 def candidates(
     stats: ModelStats,
     budget: Budget,

@@ -2,10 +2,10 @@
 
 Modes (`ResidencyConfig.mode`):
 - `resident`: everything stays where the loader put it (the device).
-- `expert-swap`: one MoE expert on the device. During the last step before a switch, each block of
-  the outgoing expert is evicted right after it runs and the same block of the incoming expert is
-  transferred in the background, so the device never holds more than one expert and the transfer
-  overlaps the rest of that step.
+- `expert-swap`: one MoE expert on the device. During the last forward pass before a switch (the
+  step's second with sequential CFG), each block of the outgoing expert is evicted right after it
+  runs and the same block of the incoming expert is transferred in the background, so the device
+  never holds more than one expert and the transfer overlaps the rest of that step.
 - `block-offload`: non-block weights of every expert stay on the device; transformer blocks stream
   through a window of `prefetch_blocks + 1` (forward pre-hooks load block i..i+k, evict the rest).
 
@@ -225,6 +225,8 @@ class ResidencyManager:
         self.active: int | None = None
         self.swaps = 0
         self._handoff: int | None = None  # expert index the running forward hands its blocks to
+        self._next: int | None = None  # the expert the step after this one runs
+        self._forwards_left = 0  # forward passes of this step still to start
         self._lock = threading.Lock()
 
     # ---- registration ----------------------------------------------------------------------------
@@ -329,11 +331,19 @@ class ResidencyManager:
     # ---- hooks -----------------------------------------------------------------------------------
 
     def _install_hooks(self, index: int, expert: _Expert) -> None:
-        expert.module.register_forward_pre_hook(lambda m, a: self._wait(expert.nonblock))
+        expert.module.register_forward_pre_hook(lambda m, a: self._before_forward(index, expert))
         expert.module.register_forward_hook(lambda m, a, o: self._after_forward(index))
         for i, block in enumerate(expert.module.blocks):
             block.register_forward_pre_hook(lambda m, a, i=i: self._before_block(index, i))
             block.register_forward_hook(lambda m, a, o, i=i: self._after_block(index, i))
+
+    def _before_forward(self, index: int, expert: _Expert) -> None:
+        # Only the step's last forward hands the blocks over: an earlier one (sequential CFG's cond
+        # pass) would evict blocks that the next pass needs again.
+        self._forwards_left -= 1
+        if self.config.mode == "expert-swap" and self._forwards_left <= 0 and self._next not in (None, index):
+            self._handoff = self._next
+        self._wait(expert.nonblock)
 
     def _before_block(self, index: int, i: int) -> None:
         blocks = self.experts[index].blocks
@@ -361,14 +371,16 @@ class ResidencyManager:
 
     # ---- what the runner calls -------------------------------------------------------------------
 
-    def before_step(self, expert: int, next_expert: int | None = None) -> None:
-        """Called before each denoising step with the expert it runs and the one the next step runs."""
+    def before_step(self, expert: int, next_expert: int | None = None, forwards: int = 1) -> None:
+        """Called before each denoising step with the expert it runs, the one the next step runs, and
+        how many forward passes the step makes (2 with sequential CFG)."""
         if not self.experts:
             return
         if expert != self.active:
             self._switch_to(expert)
-        # expert-swap: the last step before a switch hands each block over as soon as it has run.
-        self._handoff = next_expert if self.config.mode == "expert-swap" and next_expert != expert else None
+        # expert-swap: the last step before a switch hands each block over as soon as its last
+        # forward has run it (`_before_forward` arms it).
+        self._handoff, self._next, self._forwards_left = None, next_expert, forwards
 
     def _switch_to(self, expert: int) -> None:
         cold = self.active is None

@@ -55,6 +55,10 @@ class DenoiseStage:
             for expert in self.experts:
                 self.block_chunker(expert, block_chunks)
 
+    def forwards_per_step(self, guidance: bool) -> int:
+        """Transformer forward passes a step makes: two with sequential CFG, else one."""
+        return 2 if guidance and self.cfg_mode == "sequential" else 1
+
     def expert_index(self, t: float) -> int:
         """0 while t >= boundary (high noise), then 1 (the reference pipeline's rule, boundary included)."""
         if self.boundary_timestep is None or t >= self.boundary_timestep:

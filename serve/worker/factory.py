@@ -10,7 +10,7 @@ from typing import Any
 
 from serve.engine.config import DType
 from serve.jobs.artifacts import ArtifactTarget
-from serve.loader.config import MemoryConfig
+from serve.loader.config import MemoryConfig, default_cfg_mode
 from serve.lora.config import LoraConfig
 from serve.pipeline.prompt_cache import TextEncodeConfig
 from serve.quant.config import QuantizationConfig
@@ -86,6 +86,10 @@ def load_model_runner(model_dir: str, device: str, dtype: str, options: RunnerCo
     residency, cfg_mode, block_chunks = plan_memory(
         model_dir, device, options.memory, options.largest_request, step_cache is not None, options.group
     )
+    # Measured before loading, as the planner's budget is: free device memory, weights not yet in it.
+    lane_fits = options.vae.overlap == "auto" and decode_lane_fits(
+        model_dir, device, options.memory, options.largest_request, residency, (cfg_mode, block_chunks)
+    )
     runner = ModelRunner.from_checkpoint(
         model_dir,
         device=device,
@@ -98,7 +102,36 @@ def load_model_runner(model_dir: str, device: str, dtype: str, options: RunnerCo
         vae_decode=options.vae,
     )
     runner.denoise.set_activation_plan(cfg_mode, block_chunks)
+    runner.decode_lane_fits = lane_fits
     return runner
+
+
+def _cfg_without_planner(memory: MemoryConfig, device: str, step_cache: bool, group: tuple[int, int]) -> str:
+    """`--cfg-mode` where the planner does not choose it (`default_cfg_mode` for `auto`)."""
+    if memory.cfg_mode != "auto":
+        return memory.cfg_mode
+    return default_cfg_mode(device.split(":")[0], step_cache, group)
+
+
+def decode_lane_fits(
+    model_dir: str,
+    device: str,
+    memory: MemoryConfig,
+    largest_request: tuple[int, int, int],
+    residency: Any,
+    activations: tuple[str, int],
+) -> bool:
+    """What `--vae-overlap auto` asks before it turns the decode lane on: a CUDA device that keeps every
+    weight (text encoder included) and has room for a decode beside the largest request's step."""
+    from serve.loader.memory_model import model_stats
+    from serve.loader.planner import lane_fits, measure_budget
+
+    if not device.startswith("cuda"):
+        return False
+    if residency is not None and (residency.mode != "resident" or residency.text_encoder != "device"):
+        return False
+    budget = measure_budget(memory.vram, memory.ram, device=device)
+    return lane_fits(model_stats(model_dir), budget, largest_request, memory.weights_dtype, activations)
 
 
 def plan_memory(
@@ -120,7 +153,7 @@ def plan_memory(
 
     if step_cache and memory.cfg_mode == "sequential":
         raise ValueError("--cfg-mode sequential does not combine with the step cache; drop one of them")
-    cfg_mode = "batched" if memory.cfg_mode == "auto" else memory.cfg_mode
+    cfg_mode = _cfg_without_planner(memory, device, step_cache, group)
     chunks = memory.block_chunks or 1
     if memory.mode == "resident" or (memory.mode == "auto" and device == "cpu"):
         return None, cfg_mode, chunks

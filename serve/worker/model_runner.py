@@ -21,6 +21,7 @@ import torch
 
 from models.registry import resolve
 from serve.engine.request import GenerationParams
+from serve.loader.config import default_cfg_mode
 from serve.pipeline.decode import DecodeStage, to_uint8
 from serve.pipeline.denoise import DenoiseStage
 from serve.pipeline.latents import initial_latents
@@ -88,12 +89,24 @@ class ModelRunner:
         if prompt_cache_bytes is not None:
             model.text_encode.set_cache_budget(prompt_cache_bytes)
         self.device = device
-        self.step_cache_threshold = step_cache_threshold
         self.spec = model.spec
         self.text_encode, self.denoise, self.decode = model.text_encode, model.denoise, model.decode
+        self.step_cache_threshold = step_cache_threshold
         self.residency = model.residency
         self.lora_log = model.lora_log
         self._lane: SideLane | None = None  # made on the decode lane's first handoff
+
+    @property
+    def step_cache_threshold(self) -> float | None:
+        return self._step_cache_threshold
+
+    @step_cache_threshold.setter
+    def step_cache_threshold(self, value: float | None) -> None:
+        """The first-block cache's threshold (None: off), and the CFG layout that goes with it on this
+        device (`default_cfg_mode`: the cache needs CFG batched), the one a server's worker gets too;
+        a worker's factory may set another plan afterwards (`denoise.set_activation_plan`)."""
+        self._step_cache_threshold = value
+        self.denoise.set_activation_plan(default_cfg_mode(self.device.type, value is not None), 1)
 
     @classmethod
     def from_checkpoint(
@@ -169,7 +182,7 @@ class ModelRunner:
         caches = [s.step_cache for s in states] if states[0].step_cache is not None else None
         if self.residency is not None:
             after = self.experts_of(states[0])[states[0].step + 1 :]
-            self.residency.before_step(expert, after[0] if after else None)
+            self.residency.before_step(expert, after[0] if after else None, self.denoise.forwards_per_step(cfg))
         loras = [s.params.loras for s in states]
         velocity = self.denoise.predict(hidden, timesteps, embeds, guidance, expert, step_caches=caches, loras=loras)
         outputs = [velocity[i : i + 1] for i in range(len(states))]

@@ -103,3 +103,30 @@ def test_the_ready_report_names_each_memory_plan(config, phrase):
 
     manager = None if config is None else SimpleNamespace(config=ResidencyConfig(**config))
     assert memory_plan(SimpleNamespace(residency=manager)) == phrase
+
+
+def test_the_decode_lane_needs_room_for_a_decode_beside_a_step_with_every_weight(a14b) -> None:
+    """A plan's peak counts the larger of a step and a decode; the lane holds both at once."""
+    from serve.loader.planner import lane_fits
+
+    resident = estimate(a14b, "resident", "bf16", "device", "host", SIZE)[0]
+    decode = a14b.vae_decode_bytes(SIZE[0], SIZE[1])
+    just_resident = Budget(resident + DEVICE_RESERVE, 256 * GB)  # the resident plan fits, and no more
+    assert plan(a14b, just_resident, SIZE).mode == "resident"
+    assert not lane_fits(a14b, just_resident, SIZE, "bf16")
+    assert lane_fits(a14b, Budget(resident + decode + DEVICE_RESERVE, 256 * GB), SIZE, "bf16")
+
+
+def test_auto_asks_for_the_lane_only_on_a_cuda_device_that_keeps_every_weight(tiny_model_dir):
+    from serve.loader.config import MemoryConfig
+    from serve.loader.residency import ResidencyConfig
+    from serve.worker.factory import decode_lane_fits
+
+    model, small, roomy = str(tiny_model_dir), (64, 64, 9), MemoryConfig(vram="80GiB", ram="64GiB")
+    activations = ("batched", 1)
+    assert decode_lane_fits(model, "cuda:0", roomy, small, None, activations)
+    assert decode_lane_fits(model, "cuda:0", roomy, small, ResidencyConfig("resident"), activations)
+    assert not decode_lane_fits(model, "cpu", roomy, small, None, activations)
+    assert not decode_lane_fits(model, "cuda:0", roomy, small, ResidencyConfig("block-offload"), activations)
+    assert not decode_lane_fits(model, "cuda:0", roomy, small, ResidencyConfig("resident", 1, "swap"), activations)
+    assert not decode_lane_fits(model, "cuda:0", MemoryConfig(vram="1MiB", ram="64GiB"), small, None, activations)

@@ -85,13 +85,17 @@ def test_two_experts_match_diffusers(runner, pipe, sampler):
     torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
 
 
-def test_boundary_falls_mid_schedule_and_each_step_is_one_forward(tiny_model_dir):
+@pytest.mark.parametrize(("cfg_mode", "forwards_per_step"), [("batched", 1), ("sequential", 2)])
+def test_boundary_falls_mid_schedule_and_each_step_is_one_forward_per_cfg_pass(
+    tiny_model_dir, cfg_mode, forwards_per_step
+):
     runner = ModelRunner.from_checkpoint(tiny_model_dir)
+    runner.denoise.set_activation_plan(cfg_mode, 1)
     calls = count_expert_calls(runner)
     runner.generate(params())
     # 4 UniPC steps at shift 3: t = 999, 900 (>= 875, high noise) then 750, 500 (low noise);
-    # cond and uncond share one forward pass.
-    assert calls == [2, 2]
+    # cond and uncond share one forward pass, or take one each (sequential, a CPU's default).
+    assert calls == [2 * forwards_per_step, 2 * forwards_per_step]
 
 
 def test_guidance_scale_2_only_affects_the_low_noise_expert(runner, pipe):

@@ -22,9 +22,13 @@ def runner(tiny_model_dir):
     return ModelRunner.from_checkpoint(tiny_model_dir)
 
 
-def run(runner: ModelRunner, p: GenerationParams, threshold: float | None):
-    """(uint8 output with counters, float frames) with the runner's cache threshold set to `threshold`."""
+def run(runner: ModelRunner, p: GenerationParams, threshold: float | None, cfg_mode: str | None = None):
+    """(uint8 output with counters, float frames) with the runner's cache threshold set to `threshold`
+    (and, given `cfg_mode`, that CFG layout: on a CPU the runner's default without the cache is
+    sequential, and the cache's is batched)."""
     runner.step_cache_threshold = threshold
+    if cfg_mode is not None:
+        runner.denoise.set_activation_plan(cfg_mode, 1)
     try:
         return runner.generate(p), runner.decode_float(p)
     finally:
@@ -62,7 +66,7 @@ def test_threshold_zero_end_to_end_equals_uncached(runner, cfg):
     p = params() if cfg else params(preset="lightning-4step")
     out, frames = run(runner, p, 0.0)
     assert out.counters == {"step_cache_skipped": 0, "step_cache_computed": 6 if cfg else 4}
-    assert torch.equal(frames, run(runner, p, None)[1])
+    assert torch.equal(frames, run(runner, p, None, cfg_mode="batched")[1])
 
 
 def test_a_huge_threshold_skips_all_but_the_first_step_of_each_expert(runner):
