@@ -86,7 +86,7 @@ class VaeDecodeConfig(FrozenConfig):
 
     def overlaps_on(self, device: str, fits: bool) -> bool:
         """Whether a worker on `device` decodes on its second lane (`overlap`). `fits`: every weight stays
-        on the device with room for a decode beside a denoising step (`factory.decode_lane_fits`), which
+        on the device with room for a decode beside a denoising step (`factory.plan_memory`), which
         "auto" asks for."""
         return self.overlap == "on" or (self.overlap == "auto" and device.startswith("cuda") and fits)
 

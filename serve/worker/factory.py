@@ -6,7 +6,7 @@ imports torch at module level: the API process imports this module to build `Wor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from serve.engine.config import DType
 from serve.jobs.artifacts import ArtifactTarget
@@ -83,12 +83,14 @@ def load_model_runner(model_dir: str, device: str, dtype: str, options: RunnerCo
     if quant_text:
         quant = QuantPolicy.parse(quant_text, read_spec(model_dir).expert_names, options.quant.skip)
     step_cache = options.sampling.step_cache_threshold
-    residency, cfg_mode, block_chunks = plan_memory(
-        model_dir, device, options.memory, options.largest_request, step_cache is not None, options.group
-    )
-    # Measured before loading, as the planner's budget is: free device memory, weights not yet in it.
-    lane_fits = options.vae.overlap == "auto" and decode_lane_fits(
-        model_dir, device, options.memory, options.largest_request, residency, (cfg_mode, block_chunks)
+    residency, cfg_mode, block_chunks, lane_fits = plan_memory(
+        model_dir,
+        device,
+        options.memory,
+        options.largest_request,
+        step_cache is not None,
+        options.group,
+        decode_lane=options.vae.overlap == "auto",
     )
     runner = ModelRunner.from_checkpoint(
         model_dir,
@@ -113,25 +115,14 @@ def _cfg_without_planner(memory: MemoryConfig, device: str, step_cache: bool, gr
     return default_cfg_mode(device.split(":")[0], step_cache, group)
 
 
-def decode_lane_fits(
-    model_dir: str,
-    device: str,
-    memory: MemoryConfig,
-    largest_request: tuple[int, int, int],
-    residency: Any,
-    activations: tuple[str, int],
-) -> bool:
-    """What `--vae-overlap auto` asks before it turns the decode lane on: a CUDA device that keeps every
-    weight (text encoder included) and has room for a decode beside the largest request's step."""
-    from serve.loader.memory_model import model_stats
-    from serve.loader.planner import lane_fits, measure_budget
-
-    if not device.startswith("cuda"):
-        return False
-    if residency is not None and (residency.mode != "resident" or residency.text_encoder != "device"):
-        return False
-    budget = measure_budget(memory.vram, memory.ram, device=device)
-    return lane_fits(model_stats(model_dir), budget, largest_request, memory.weights_dtype, activations)
+class MemoryPlan(NamedTuple):
+    residency: Any
+    """None: everything stays resident."""
+    cfg_mode: str
+    block_chunks: int
+    decode_lane_fits: bool = False
+    """Asked for (`plan_memory(decode_lane=True)`): a CUDA device that keeps every weight, text encoder
+    included, with room for a decode beside the largest request's step (what `--vae-overlap auto` needs)."""
 
 
 def plan_memory(
@@ -141,28 +132,40 @@ def plan_memory(
     largest_request: tuple[int, int, int],
     step_cache: bool = False,
     group: tuple[int, int] = (1, 1),
-) -> tuple[Any, str, int]:
-    """(residency, cfg mode, block chunks) for this worker's device: forced by the flags, or chosen by
+    decode_lane: bool = False,
+) -> MemoryPlan:
+    """Residency, cfg mode and block chunks for this worker's device: forced by the flags, or chosen by
     the planner from this device's free memory (each GPU of a multi-GPU host is measured on its own).
     Residency None keeps everything resident, which is what `auto` means on a CPU: there is no
-    separate device memory to save (and CFG runs batched, blocks whole, unless forced). The first-block
-    cache needs CFG batched (it decides per request from the cond and uncond rows together)."""
+    separate device memory to save (CFG runs as `default_cfg_mode` says, blocks whole, unless forced).
+    The first-block cache needs CFG batched (it decides per request from the cond and uncond rows
+    together). `decode_lane`: also say whether a decode lane fits, from the same measurements (before
+    loading: free device memory, weights not yet in it)."""
     from serve.loader.memory_model import model_stats
-    from serve.loader.planner import choose, measure_budget
+    from serve.loader.planner import choose, lane_fits, measure_budget
     from serve.loader.residency import ResidencyConfig
 
     if step_cache and memory.cfg_mode == "sequential":
         raise ValueError("--cfg-mode sequential does not combine with the step cache; drop one of them")
     cfg_mode = _cfg_without_planner(memory, device, step_cache, group)
     chunks = memory.block_chunks or 1
+    decode_lane = decode_lane and device.startswith("cuda")
     if memory.mode == "resident" or (memory.mode == "auto" and device == "cpu"):
-        return None, cfg_mode, chunks
+        fits = decode_lane and lane_fits(
+            model_stats(model_dir),
+            measure_budget(memory.vram, memory.ram, device=device),
+            largest_request,
+            memory.weights_dtype,
+            (cfg_mode, chunks),
+            group,
+        )
+        return MemoryPlan(None, cfg_mode, chunks, fits)
     if memory.mode != "auto":
         text = "device" if memory.text_encoder_device == "auto" else memory.text_encoder_device
-        return ResidencyConfig(memory.mode, memory.prefetch_blocks, text), cfg_mode, chunks
-    budget = measure_budget(memory.vram, memory.ram, device=device)
+        return MemoryPlan(ResidencyConfig(memory.mode, memory.prefetch_blocks, text), cfg_mode, chunks)
+    budget, stats = measure_budget(memory.vram, memory.ram, device=device), model_stats(model_dir)
     plan = choose(
-        model_stats(model_dir),
+        stats,
         budget,
         largest_request,
         memory.weights_dtype,
@@ -173,4 +176,10 @@ def plan_memory(
         memory.block_chunks,
         group,
     )
-    return plan.config(memory.prefetch_blocks), plan.cfg_mode, plan.block_chunks
+    activations = (plan.cfg_mode, plan.block_chunks)
+    fits = (
+        decode_lane
+        and (plan.mode, plan.text_encoder) == ("resident", "device")
+        and lane_fits(stats, budget, largest_request, memory.weights_dtype, activations, group)
+    )
+    return MemoryPlan(plan.config(memory.prefetch_blocks), plan.cfg_mode, plan.block_chunks, fits)

@@ -119,14 +119,18 @@ def test_the_decode_lane_needs_room_for_a_decode_beside_a_step_with_every_weight
 
 def test_auto_asks_for_the_lane_only_on_a_cuda_device_that_keeps_every_weight(tiny_model_dir):
     from serve.loader.config import MemoryConfig
-    from serve.loader.residency import ResidencyConfig
-    from serve.worker.factory import decode_lane_fits
+    from serve.worker.factory import plan_memory
 
-    model, small, roomy = str(tiny_model_dir), (64, 64, 9), MemoryConfig(vram="80GiB", ram="64GiB")
-    activations = ("batched", 1)
-    assert decode_lane_fits(model, "cuda:0", roomy, small, None, activations)
-    assert decode_lane_fits(model, "cuda:0", roomy, small, ResidencyConfig("resident"), activations)
-    assert not decode_lane_fits(model, "cpu", roomy, small, None, activations)
-    assert not decode_lane_fits(model, "cuda:0", roomy, small, ResidencyConfig("block-offload"), activations)
-    assert not decode_lane_fits(model, "cuda:0", roomy, small, ResidencyConfig("resident", 1, "swap"), activations)
-    assert not decode_lane_fits(model, "cuda:0", MemoryConfig(vram="1MiB", ram="64GiB"), small, None, activations)
+    model, small = str(tiny_model_dir), (64, 64, 9)
+
+    def fits(device: str, **memory) -> bool:
+        return plan_memory(model, device, MemoryConfig(**memory), small, decode_lane=True).decode_lane_fits
+
+    roomy = dict(vram="80GiB", ram="64GiB")
+    assert fits("cuda:0", **roomy)
+    assert fits("cuda:0", mode="resident", **roomy)
+    assert not fits("cpu", **roomy)
+    assert not fits("cuda:0", mode="block-offload", **roomy)
+    assert not fits("cuda:0", text_encoder_device="swap", **roomy)
+    assert not fits("cuda:0", mode="resident", vram="1MiB", ram="64GiB")
+    assert not plan_memory(model, "cuda:0", MemoryConfig(**roomy), small).decode_lane_fits  # not asked for
